@@ -1,0 +1,37 @@
+"""`spatial-mllm` command line. Each area registers its own subcommands, so this file only lists them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules exposing `register(subparsers)`; each subcommand sets `func` to a callable taking the parsed args.
+COMMAND_MODULES = (
+    "spatial_mllm.data.commands",
+    "spatial_mllm.training.commands",
+    "spatial_mllm.evaluation.commands",
+    "spatial_mllm.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spatial-mllm", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as err:
+        # User-facing problems (bad file, bad record, bad option) end with their message, not a traceback.
+        print(f"spatial-mllm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
