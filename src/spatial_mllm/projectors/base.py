@@ -55,6 +55,14 @@ class Projector(nn.Module):
         """Initialise every parameter explicitly (the official LLaVA-SP left its convolutions uninitialised)."""
         raise NotImplementedError
 
+    def official_key_map(self) -> dict[str, str]:
+        """Official checkpoint key (LLaVA / LLaVA-SP naming, without `base_model.model.`) -> our state-dict key.
+
+        Projectors with a released upstream format override this; the loader in `spatial_mllm.weights` uses it
+        for a strict, refusing load.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no official upstream checkpoint format")
+
     def check_features(self, features: list[torch.Tensor]) -> None:
         expected = self.vision.grid * self.vision.grid
         if len(features) != len(self.feature_layers):
@@ -86,4 +94,6 @@ def build_projector(name: str, vision: VisionGeometry, llm_width: int, **options
         projector = cls(vision, llm_width, **options)
     except TypeError as err:
         raise TypeError(f"projector {name!r}: bad options {options}: {err}") from None
+    # Several registered names may share a class (LLaVA-SP variants): remember which one this is.
+    projector.projector_type = name
     return projector

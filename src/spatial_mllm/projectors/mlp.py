@@ -35,6 +35,9 @@ class LinearProjector(Projector):
     def reset_parameters(self) -> None:
         init_linear(self)
 
+    def official_key_map(self) -> dict[str, str]:
+        return {f"model.mm_projector.{name}": f"proj.{name}" for name in ("weight", "bias")}
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         self.check_features(features)
         return self.proj(features[0])
@@ -53,6 +56,9 @@ class MLPProjector(Projector):
 
     def reset_parameters(self) -> None:
         init_linear(self)
+
+    def official_key_map(self) -> dict[str, str]:
+        return {f"model.mm_projector.{i}.{name}": f"mlp.{i}.{name}" for i in (0, 2) for name in ("weight", "bias")}
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         self.check_features(features)

@@ -1,0 +1,3 @@
+from .tower import VISION_BACKBONES, VisionTower
+
+__all__ = ["VISION_BACKBONES", "VisionTower"]

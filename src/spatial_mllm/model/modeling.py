@@ -1,0 +1,150 @@
+"""SpatialMLLMForConditionalGeneration: ViT -> projector -> any transformers causal LM, in the LLaVA layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..projectors import Projector, build_projector
+from ..vision import VisionTower
+from .configuration import SpatialMLLMConfig
+
+
+class SpatialMLLMPreTrainedModel(PreTrainedModel):
+    config_class = SpatialMLLMConfig
+    config: SpatialMLLMConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-models initialise themselves (the LM and ViT in their own post_init, projectors in reset_parameters).
+        pass
+
+
+class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, GenerationMixin):
+    """
+    `input_ids` carry, for each image, `num_image_tokens` consecutive `image_token_id` tokens; the projector's output
+    for that image replaces their embeddings. Images come as `pixel_values` (one row per image, in the order the
+    images appear in the batch) or, to reuse a frozen ViT's work, as `vision_features` (the hidden states named by
+    `vision_feature_layers`, CLS dropped).
+    """
+
+    def __init__(
+        self,
+        config: SpatialMLLMConfig,
+        vision_tower: VisionTower | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        """`vision_tower` / `language_model`: pretrained parts to use instead of random-init ones (see builder.py)."""
+        super().__init__(config)
+        self.vision_tower = vision_tower or VisionTower.from_config(config.vision_config)
+        self.projector: Projector = build_projector(
+            config.projector_type, self.vision_tower.geometry, config.text_config.hidden_size, **config.projector_options
+        )
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # --- what the rest of the toolkit asks of a model -------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens
+
+    @property
+    def vision_feature_layers(self) -> tuple[int, ...]:
+        return self.projector.feature_layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # --- images -> LM embeddings ----------------------------------------------------------------------------------
+    def encode_vision(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The ViT hidden states the projector reads; cacheable while the tower is frozen."""
+        return self.vision_tower(pixel_values, self.vision_feature_layers)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        if vision_features is None:
+            vision_features = self.encode_vision(pixel_values)
+        dtype = next(self.projector.parameters()).dtype
+        return self.projector([f.to(dtype) for f in vision_features])
+
+    def _merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        image_mask = input_ids == self.config.image_token_id
+        n_slots, n_images = int(image_mask.sum()), image_features.shape[0]
+        if n_slots != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"the batch has {n_slots} image tokens but {n_images} image(s) x {self.num_image_tokens} tokens "
+                f"({self.config.projector_type}) = {n_images * self.num_image_tokens}: each <image> must be expanded "
+                "to the projector's token count (use SpatialMLLMProcessor) and every image must have a placeholder"
+            )
+        features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            image_mask = input_ids == self.config.image_token_id
+            # The image token may lie outside the LM's vocabulary (as in converted checkpoints): embed a stand-in.
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            has_images = pixel_values is not None or vision_features is not None
+            if has_images:
+                image_features = self.get_image_features(pixel_values, vision_features)
+                inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+            elif bool(image_mask.any()) and past_key_values is None:
+                raise ValueError("input_ids contain image tokens but no pixel_values or vision_features were given")
+            if labels is not None:
+                labels = labels.masked_fill(image_mask, -100)
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            # Images live in the KV cache after prefill (pixel_values is dropped by transformers itself).
+            inputs.pop("vision_features", None)
+        return inputs
+
+
+__all__ = ["SpatialMLLMForConditionalGeneration", "SpatialMLLMPreTrainedModel"]

@@ -1,0 +1,101 @@
+"""The frozen ViT: a transformers vision model that hands each projector the hidden states it asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+
+from ..projectors.base import VisionGeometry
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class VisionBackbone:
+    """How to build one family of vision towers and read its tokens."""
+
+    model_class: str  # transformers class name
+    image_processor_class: str
+    has_cls_token: bool
+
+
+VISION_BACKBONES: Registry[VisionBackbone] = Registry("vision backbone")
+VISION_BACKBONES.register("clip_vision_model")(VisionBackbone("CLIPVisionModel", "CLIPImageProcessorPil", True))
+VISION_BACKBONES.register("siglip_vision_model")(VisionBackbone("SiglipVisionModel", "SiglipImageProcessorPil", False))
+
+
+def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
+    """Accepts a vision config or a full CLIP/SigLIP config (as stored in hub folders) and returns the vision part."""
+    if config.model_type in VISION_BACKBONES:
+        return config
+    inner = getattr(config, "vision_config", None)
+    if inner is not None and inner.model_type in VISION_BACKBONES:
+        return inner
+    raise ValueError(
+        f"vision model type {config.model_type!r} is not supported; registered: {', '.join(VISION_BACKBONES.names())}"
+    )
+
+
+def backbone_of(config: PreTrainedConfig) -> VisionBackbone:
+    return VISION_BACKBONES.get(config.model_type)
+
+
+class VisionTower(nn.Module):
+    """Wraps a transformers vision model; frozen by default.
+
+    `forward(pixel_values, layers)` returns one (B, grid*grid, width) tensor per requested hidden-state index,
+    patch tokens only (CLS dropped where the model has one).
+    """
+
+    def __init__(self, model: PreTrainedModel, frozen: bool = True):
+        super().__init__()
+        self.model = model
+        self.backbone = backbone_of(model.config)
+        if frozen:
+            self.freeze()
+
+    @classmethod
+    def from_config(cls, config: PreTrainedConfig, frozen: bool = True) -> "VisionTower":
+        import transformers
+
+        config = vision_config_of(config)
+        model_class = getattr(transformers, backbone_of(config).model_class)
+        return cls(model_class(config), frozen=frozen)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, frozen: bool = True, **kwargs) -> "VisionTower":
+        """Loads a vision tower from a hub name or a local folder (a full CLIP/SigLIP checkpoint or a vision-only one)."""
+        import transformers
+
+        config = vision_config_of(AutoConfig.from_pretrained(name_or_path, **kwargs))
+        model_class = getattr(transformers, backbone_of(config).model_class)
+        return cls(model_class.from_pretrained(name_or_path, config=config, **kwargs), frozen=frozen)
+
+    def freeze(self) -> None:
+        self.model.requires_grad_(False)
+
+    @property
+    def config(self) -> PreTrainedConfig:
+        return self.model.config
+
+    @property
+    def geometry(self) -> VisionGeometry:
+        cfg = self.model.config
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image size {cfg.image_size} is not a multiple of patch size {cfg.patch_size}")
+        return VisionGeometry(
+            width=cfg.hidden_size, grid=cfg.image_size // cfg.patch_size, num_layers=cfg.num_hidden_layers
+        )
+
+    def forward(self, pixel_values: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        num_states = self.geometry.num_layers + 1
+        for layer in layers:
+            if not -num_states <= layer < num_states:
+                raise ValueError(f"ViT layer {layer} does not exist: the tower has {num_states} hidden states")
+        dtype = next(self.model.parameters()).dtype
+        outputs = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        # SigLIP's hidden states stop before its pooling head, CLIP's include CLS at position 0.
+        start = 1 if self.backbone.has_cls_token else 0
+        return [outputs.hidden_states[layer][:, start:] for layer in layers]
