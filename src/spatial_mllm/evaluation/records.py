@@ -1,0 +1,90 @@
+"""Reading evaluation records (JSONL) and pulling fields out of them with errors that name the place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """One JSON object per line; blank lines are skipped. Errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def require_field(record: Any, field: str, where: str) -> Any:
+    """`record[field]`, or a ValueError naming `where` (e.g. "answers record 3") and the missing field."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected an object with field {field!r}, got {type(record).__name__}")
+    if field not in record or record[field] is None:
+        raise ValueError(f"{where}: missing field {field!r}")
+    return record[field]
+
+
+def require_text(record: Any, field: str, where: str) -> str:
+    """A field that must hold a string (model outputs, labels, categories)."""
+    value = require_field(record, field, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def index_by_question_id(records: list[Mapping[str, Any]], source: str) -> dict[str, Mapping[str, Any]]:
+    """Records keyed by str(question_id) (ids may be ints in one file and strings in another); duplicates are errors."""
+    indexed: dict[str, Mapping[str, Any]] = {}
+    for index, record in enumerate(records):
+        question_id = str(require_field(record, "question_id", f"{source} record {index}"))
+        if question_id in indexed:
+            raise ValueError(f"{source} record {index}: question_id {question_id!r} appears twice")
+        indexed[question_id] = record
+    return indexed
+
+
+def describe_ids(ids: list[str], limit: int = 5) -> str:
+    """A short list for error messages: the first few ids, then how many more."""
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return f"{shown} and {len(ids) - limit} more" if len(ids) > limit else shown
+
+
+def pair_with_answers(
+    questions: list[Mapping[str, Any]], answers: list[Mapping[str, Any]], questions_source: str, answers_source: str
+) -> list[tuple[int, Mapping[str, Any], Mapping[str, Any]]]:
+    """(question index, question, answer) in question order, matched on question_id.
+
+    Every question needs exactly one answer and every answer a question: a mismatch means the wrong pair of
+    files (or an interrupted run), which would otherwise give a score that looks plausible and is not.
+    """
+    answers_by_id = index_by_question_id(answers, answers_source)
+    questions_by_id = index_by_question_id(questions, questions_source)
+    unanswered = [question_id for question_id in questions_by_id if question_id not in answers_by_id]
+    if unanswered:
+        raise ValueError(
+            f"{answers_source}: no answer for {len(unanswered)} questions of {questions_source}: "
+            f"{describe_ids(unanswered)}"
+        )
+    unknown = [question_id for question_id in answers_by_id if question_id not in questions_by_id]
+    if unknown:
+        raise ValueError(
+            f"{answers_source}: {len(unknown)} answers whose question_id is not in {questions_source}: "
+            f"{describe_ids(unknown)}"
+        )
+    return [
+        (index, question, answers_by_id[question_id])
+        for index, (question_id, question) in enumerate(questions_by_id.items())
+    ]
