@@ -1,0 +1,117 @@
+"""A small byte-level BPE tokenizer trained on the built-in world's text, saved as a transformers tokenizer folder.
+
+Byte-level BPE is lossless (any text decodes back to itself, no unknown tokens), which exact label verification
+needs. Special tokens: <s> (added at the start by default, as Llama does), </s>, <unk>, <pad>, <image>; the chat
+template renders exactly the `vicuna_v1` format, so the `vicuna_v1` and `chat_template` templates agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .templates import IMAGE_TOKEN, VICUNA_SYSTEM
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+
+VICUNA_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = " + json.dumps(VICUNA_SYSTEM) + " -%}{%- set turns = messages -%}{%- endif -%}"
+    "{{- system + ' ' -}}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + message['content'] + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + message['content'] + eos_token -}}"
+    "{%- else -%}{{- raise_exception('roles after the system message must be user or assistant') -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def train_world_tokenizer(
+    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 2048
+) -> PreTrainedTokenizerBase:
+    """Train on `texts`, save to out_dir (loadable with AutoTokenizer.from_pretrained) and return the loaded tokenizer.
+
+    The template words (system text, USER:, ASSISTANT:) are added to the training text so they get merged tokens.
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # <image> is a special token: keep it out of the merges learnt from the text.
+    corpus = [text.replace(IMAGE_TOKEN, " ") for text in texts]
+    if not corpus:
+        raise ValueError("no text to train the tokenizer on")
+    backend.train_from_iterator([f"{VICUNA_SYSTEM} USER: question ASSISTANT: answer", *corpus], trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=[IMAGE_TOKEN],
+    )
+    tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def world_texts(world_dir: str | os.PathLike) -> Iterator[str]:
+    """Text of a generated world folder, searched recursively: the turns of every LLaVA JSON file (*.json holding a
+    list of records) and the "text", "answer" and "caption" fields of every JSONL file (questions, answer keys,
+    captions). Other files (the manifest, scene graphs) hold no such fields and add nothing."""
+    root = Path(world_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"world folder not found: {world_dir}")
+    for path in sorted(root.rglob("*.json")):
+        data = _load_json(path, path.read_text(encoding="utf-8"), 0)
+        for record in data if isinstance(data, list) else []:
+            for turn in record.get("conversations", []) if isinstance(record, dict) else []:
+                if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                    yield turn["value"]
+    for path in sorted(root.rglob("*.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            row = _load_json(path, line, number) if line.strip() else None
+            if isinstance(row, dict):
+                yield from (row[key] for key in ("text", "answer", "caption") if isinstance(row.get(key), str))
+
+
+def _load_json(path: Path, text: str, line: int) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line}" if line else f"line {err.lineno} column {err.colno}"
+        raise ValueError(f"{path}: not valid JSON at {where}: {err.msg}") from None
+
+
+def register_tokenizer(data_subparsers: argparse._SubParsersAction) -> None:
+    parser = data_subparsers.add_parser(
+        "tokenizer", help="train the built-in world's tokenizer (byte-level BPE, <image>, vicuna chat template)"
+    )
+    parser.add_argument("--world", required=True, help="folder of a generated world (LLaVA JSON / JSONL files)")
+    parser.add_argument("--out", required=True, help="folder to save the tokenizer to")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.set_defaults(func=_run_tokenizer)
+
+
+def _run_tokenizer(args: argparse.Namespace) -> int:
+    tokenizer = train_world_tokenizer(world_texts(args.world), args.out, vocab_size=args.vocab_size)
+    print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out}")
+    return 0
