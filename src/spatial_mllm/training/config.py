@@ -1,0 +1,321 @@
+"""The training config: nested dataclasses loaded from YAML, with `a.b=value` command-line overrides.
+
+Every key is checked: an unknown key or a value of the wrong type is an error that names the key and the file
+(or the override) it came from. Shipped recipes live in `spatial_mllm/configs/*.yaml` and are found by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+STAGES = ("align", "instruct")
+MIXED_PRECISION = ("no", "bf16")
+SCHEDULES = ("cosine", "linear", "constant_with_warmup")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSection:
+    """What to build when `stage.init_from` is null: hub names or local folders, and the projector."""
+
+    vision: str | None = None
+    llm: str | None = None
+    tokenizer: str | None = None  # null: the LLM's own tokenizer
+    projector: str | None = None  # a registered projector name; with init_from, null means "whatever it holds"
+    projector_options: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"  # storage dtype of the frozen weights; trainable weights are always kept in float32
+
+
+@dataclass
+class DataSection:
+    train_json: str | None = None
+    image_folder: str | None = None  # null: the folder of train_json
+    template: str = "plain"
+    max_length: int = 2048
+    overlong: str = "truncate"  # "truncate" or "drop" samples longer than max_length
+    strict: bool = False  # stop at the first bad record instead of skipping it
+    num_workers: int = 0
+
+
+@dataclass
+class StageSection:
+    name: str = "align"  # "align": projector only; "instruct": projector + LLM (LoRA or full)
+    init_from: str | None = None  # a folder that SpatialMLLMForConditionalGeneration.from_pretrained loads
+
+
+@dataclass
+class OptimisationSection:
+    lr: float = 1e-3
+    projector_lr: float | None = None  # null: same as lr
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None  # optimiser steps; overrides epochs when set
+    global_batch_size: int = 256  # samples per optimiser step over all processes
+    micro_batch_size: int = 16  # samples per forward pass on one process
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"optimisation.global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size {self.micro_batch_size} x {world_size} process(es) = {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    # "all-linear": every Linear of the LLM except its output head; or a list of Linear names ("q_proj", ...).
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class VisionSection:
+    trainable: bool = False
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    stage: StageSection = field(default_factory=StageSection)
+    optimisation: OptimisationSection = field(default_factory=OptimisationSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    vision: VisionSection = field(default_factory=VisionSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    output_dir: str = "outputs/run"
+    resume: str | None = None  # null: start fresh; "auto": latest checkpoint in output_dir; or a checkpoint folder
+
+    def validate(self) -> TrainConfig:
+        """Checks types (also of values set in code) and ranges; raises ValueError naming the key."""
+        check_types(self, "config")
+        checks: list[tuple[bool, str]] = [
+            (self.stage.name in STAGES, f"stage.name must be one of {STAGES}, got {self.stage.name!r}"),
+            (self.optimisation.mixed_precision in MIXED_PRECISION,
+             f"optimisation.mixed_precision must be one of {MIXED_PRECISION}, got {self.optimisation.mixed_precision!r}"),
+            (self.optimisation.schedule in SCHEDULES,
+             f"optimisation.schedule must be one of {SCHEDULES}, got {self.optimisation.schedule!r}"),
+            (self.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.model.dtype!r}"),
+            (self.data.overlong in ("truncate", "drop"), f"data.overlong must be 'truncate' or 'drop', got {self.data.overlong!r}"),
+            (self.optimisation.lr > 0, "optimisation.lr must be positive"),
+            (self.optimisation.projector_lr is None or self.optimisation.projector_lr > 0,
+             "optimisation.projector_lr must be positive or null"),
+            (self.optimisation.global_batch_size > 0 and self.optimisation.micro_batch_size > 0,
+             "optimisation.global_batch_size and micro_batch_size must be positive"),
+            (self.optimisation.epochs > 0, "optimisation.epochs must be positive"),
+            (self.optimisation.max_steps is None or self.optimisation.max_steps > 0,
+             "optimisation.max_steps must be positive or null"),
+            (0 <= self.optimisation.warmup_ratio < 1, "optimisation.warmup_ratio must be in [0, 1)"),
+            (self.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
+            (self.checkpoint.keep_last > 0, "checkpoint.keep_last must be positive"),
+            (self.lora.r > 0 and self.lora.alpha > 0, "lora.r and lora.alpha must be positive"),
+            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (not (self.lora.enabled and self.stage.name == "align"),
+             "lora.enabled applies to stage 'instruct' only: stage 'align' trains the projector alone"),
+            (self.stage.init_from is not None or bool(self.model.vision and self.model.llm and self.model.projector),
+             "set model.vision, model.llm and model.projector, or stage.init_from (a model folder to start from)"),
+            (self.stage.init_from is None or not (self.model.vision or self.model.llm or self.model.tokenizer),
+             "stage.init_from gives the whole model: leave model.vision, model.llm and model.tokenizer unset"),
+            (self.optimisation.max_grad_norm >= 0, "optimisation.max_grad_norm must be >= 0 (0: no clipping)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.optimisation.global_batch_size % self.optimisation.micro_batch_size:
+            raise ValueError(
+                f"optimisation.global_batch_size {self.optimisation.global_batch_size} is not a multiple of "
+                f"micro_batch_size {self.optimisation.micro_batch_size}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> path of the YAML files shipped in spatial_mllm/configs."""
+    folder = resources.files("spatial_mllm") / "configs"
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A YAML path as given, or a shipped config by name (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if path.stem in shipped and len(path.parts) == 1:
+        return shipped[path.stem]
+    raise FileNotFoundError(
+        f"config {name_or_path!r} is neither a file nor a shipped config; shipped: {', '.join(sorted(shipped))}"
+    )
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file (or shipped name) plus `a.b=value` overrides (values parsed as YAML)."""
+    path = resolve_config(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
+    config = from_dict(TrainConfig, raw, str(path))
+    for override in overrides:
+        apply_override(config, override)
+    try:
+        return config.validate()
+    except ValueError as err:
+        raise ValueError(f"{path}{' with overrides' if overrides else ''}: {err}") from None
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """An instance of dataclass `cls` from a mapping, type-checking every value; `source` names where it came from."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ValueError(f"{source}: unknown key {name!r}; known keys here: {', '.join(sorted(known))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: {name!r} must be a section (a mapping), found {value!r}")
+            values[key] = from_dict(hint, value, source, f"{name}.")
+        else:
+            values[key] = coerce(value, hint, name, source)
+    return cls(**values)
+
+
+def check_types(section: Any, source: str, prefix: str = "") -> None:
+    """Type-checks every field of a config (sub)section in place, e.g. after values were assigned in code."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            check_types(value, source, f"{prefix}{f.name}.")
+        else:
+            setattr(section, f.name, coerce(value, hints[f.name], f"{prefix}{f.name}", source))
+
+
+def apply_override(config: TrainConfig, override: str) -> None:
+    """Applies one `section.key=value` override in place."""
+    source = f"override {override!r}"
+    if "=" not in override:
+        raise ValueError(f"{source}: expected key=value, e.g. optimisation.lr=2e-4")
+    dotted, text = override.split("=", 1)
+    *path, key = dotted.strip().split(".")
+    target: Any = config
+    for i, part in enumerate(path):
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ValueError(f"{source}: unknown section {'.'.join(path[: i + 1])!r}")
+        target = getattr(target, part)
+    if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
+        known = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
+        raise ValueError(f"{source}: unknown key {dotted!r}" + (f"; known keys here: {known}" if known else ""))
+    hint = typing.get_type_hints(type(target))[key]
+    if dataclasses.is_dataclass(hint):
+        raise ValueError(f"{source}: {dotted!r} is a section; override its keys one by one")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    setattr(target, key, coerce(value, hint, dotted, source))
+
+
+def coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+    """`value` if it fits type `hint` (ints accepted as floats, "2e-5"-style strings as floats), else a clear error."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    for option in options:
+        ok, converted = _fits(value, option)
+        if ok:
+            return converted
+    expected = " or ".join(_type_name(option) for option in options)
+    raise ValueError(f"{source}: {name!r} must be {expected}, found {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return False, None
+        converted = [_fits(v, item) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    if origin is dict:
+        return isinstance(value, dict), dict(value) if isinstance(value, dict) else None
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+__all__ = [
+    "CheckpointSection",
+    "DataSection",
+    "LoraSection",
+    "ModelSection",
+    "OptimisationSection",
+    "StageSection",
+    "TrainConfig",
+    "VisionSection",
+    "apply_override",
+    "check_types",
+    "from_dict",
+    "load_config",
+    "resolve_config",
+    "save_config",
+    "shipped_configs",
+]
