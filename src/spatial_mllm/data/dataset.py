@@ -343,6 +343,7 @@ class LlavaDataset(Dataset):
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixel_values,
             "id": record.id,
+            "images": record.images,  # relative paths, so cached ViT features can stand in for pixel_values
         }
 
     def _transform(self, image: Image.Image, name: str) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 The answer-key schema is read in one place, `read_key_item`: records
 {"question_id", "answer", "category", "type": "short" | "mc" | "yesno", "options"?: [...], "answer_letter"?: "B"}.
+The built-in world's keys (spatial_mllm.data.world) are read too: they name the type "format" and, for "mc", hold
+the letter in "answer" and the option text in "answer_text".
 Answer records are LLaVA's answers JSONL: {"question_id", "text", ...}. Accuracies are fractions in [0, 1].
 """
 
@@ -34,9 +36,10 @@ def read_key_item(record: Mapping[str, Any], where: str) -> KeyItem:
     """The one place that knows the answer-key schema; adapt here when the world generator's records change."""
     question_id = str(require_field(record, "question_id", where))
     category = require_text(record, "category", where)
-    question_type = require_text(record, "type", where)
+    type_field = "format" if "type" not in record and "format" in record else "type"
+    question_type = require_text(record, type_field, where)
     if question_type not in GRADERS:
-        raise ValueError(f"{where}: field 'type' must be one of {', '.join(GRADERS)}, got {question_type!r}")
+        raise ValueError(f"{where}: field {type_field!r} must be one of {', '.join(GRADERS)}, got {question_type!r}")
     if question_type == "mc":
         answer_letter, options = _read_choice_key(record, where)
         return KeyItem(question_id, category, question_type, answer_letter, options)
@@ -47,12 +50,20 @@ def read_key_item(record: Mapping[str, Any], where: str) -> KeyItem:
 
 
 def _read_choice_key(record: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...]]:
-    # The right option may be given by letter, by text, or both (then they must agree).
-    answer = record.get("answer")
+    # The right option may be given by letter, by text, or both (then they must agree). The world's keys hold the
+    # letter in "answer" and the text in "answer_text"; other keys the letter in "answer_letter", the text in "answer".
+    world_layout = record.get("answer_letter") is None and "answer_text" in record
+    if world_layout:
+        answer = record["answer_text"]
+        record = {**record, "answer_letter": require_field(record, "answer", where)}
+    else:
+        answer = record.get("answer")
     options = record.get("options")
     if record.get("answer_letter") is None and isinstance(options, list) and answer in options:
         record = {**record, "answer_letter": OPTION_LETTERS[options.index(answer)]}
     options, answer_letter = choice_question_parts(record, where)
+    if world_layout and answer not in options:
+        raise ValueError(f"{where}: answer_text {answer!r} is not one of the options {options!r}")
     if answer in options and options[OPTION_LETTERS.index(answer_letter)] != answer:
         raise ValueError(
             f"{where}: answer {answer!r} disagrees with answer_letter {answer_letter!r} "

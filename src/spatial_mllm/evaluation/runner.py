@@ -1,14 +1,19 @@
 """Batched greedy generation over a LLaVA evaluation question file, answers in LLaVA's JSONL format.
 
-Deterministic: questions are answered in file order, greedy, with left padding; the answer id is derived from the
-model and question ids, so the same model and file give the same answers file whatever the batch size.
+Questions are answered in file order, greedily, in left-padded batches; the answer id is derived from the model and
+question ids. Padding is masked and each row's positions start at its first real token, so an answer does not depend
+on which questions share its batch or on the batch size. The one residue is float rounding: matrix products round
+differently for different batch shapes (about 1e-7 relative in fp32, more in bf16), which can change a greedy token
+only where the two best logits are that close.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +21,10 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+from transformers import StoppingCriteriaList
 
-from ..data.templates import ConversationEncoder, Message
-
-RUN_INFO_FILE = "spatial_mllm_run.json"  # written beside a trained model: template and prompt conventions
+from ..data.templates import IMAGE_TOKEN, ConversationEncoder, Message
+from ..model import RUN_INFO_FILE  # written beside a trained model: template and prompt conventions
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Question:
     image: str | None
     category: str | None
     line: int
+    record: dict[str, Any] = field(default_factory=dict)  # the whole JSON line (POPE labels, say)
 
 
 @dataclass
@@ -47,13 +53,17 @@ class EvalResult:
     answers_file: Path
     answered: int
     problems: list[QuestionProblem] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # generation time, image loading and preprocessing included
     new_tokens: int = 0
+    questions: list[Question] = field(default_factory=list)  # those answered, in file order
+    template: str = ""
 
 
 def read_questions(path: Path, image_folder: Path | None, strict: bool) -> tuple[list[Question], list[QuestionProblem]]:
     """Reads every line; a broken line or missing image is reported with its line and skipped (or raised if strict)."""
-    questions, problems = [], []
+    questions: list[Question] = []
+    problems: list[QuestionProblem] = []
+    first_line_of: dict[str, int] = {}
 
     def problem(line: int, field_name: str, message: str) -> None:
         found = QuestionProblem(str(path), line, field_name, message)
@@ -75,23 +85,44 @@ def read_questions(path: Path, image_folder: Path | None, strict: bool) -> tuple
             if not isinstance(record, dict):
                 problem(line_number, "<line>", f"expected a JSON object, got {type(record).__name__}")
                 continue
-            if "question_id" not in record:
+            if record.get("question_id") is None:
                 problem(line_number, "question_id", "missing")
+                continue
+            key = str(record["question_id"])
+            if key in first_line_of:
+                problem(line_number, "question_id", f"{key!r} is already used on line {first_line_of[key]}")
                 continue
             text = record.get("text")
             if not isinstance(text, str) or not text.strip():
                 problem(line_number, "text", "missing or empty")
+                continue
+            if IMAGE_TOKEN in text:
+                problem(line_number, "text", f"contains {IMAGE_TOKEN}; the runner places the image itself")
                 continue
             image = record.get("image")
             if image is not None:
                 if image_folder is None:
                     problem(line_number, "image", "the question has an image but no image folder was given")
                     continue
-                if not (image_folder / image).is_file():
-                    problem(line_number, "image", f"file not found: {image_folder / image}")
+                unreadable = _unreadable_image(image_folder / str(image))
+                if unreadable:
+                    problem(line_number, "image", unreadable)
                     continue
-            questions.append(Question(record["question_id"], text, image, record.get("category"), line_number))
+            first_line_of[key] = line_number
+            category = record.get("category")
+            questions.append(Question(record["question_id"], text, image, category, line_number, record))
     return questions, problems
+
+
+def _unreadable_image(path: Path) -> str | None:
+    """Why `path` cannot be used as an image, or None; only the header is read, so this stays cheap."""
+    if not path.is_file():
+        return f"file not found: {path}"
+    try:
+        with Image.open(path):
+            return None
+    except (UnidentifiedImageError, OSError) as err:
+        return f"not a readable image: {path} ({err})"
 
 
 def run_info(model_dir: Path) -> dict[str, Any]:
@@ -104,6 +135,59 @@ def answer_id(model_id: str, question_id: Any) -> str:
 
 
 @torch.inference_mode()
+def generate_batch(
+    model,
+    processor,
+    prompts: Sequence[list[int]],
+    images: Sequence[Image.Image],
+    max_new_tokens: int,
+    stopping_criteria: StoppingCriteriaList | None = None,
+) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt, through its first end-of-sequence token, without padding.
+
+    `prompts` hold expanded image tokens (ConversationEncoder); `images` are all the batch's images in the order
+    their placeholders appear. Rows are left-padded and masked; generation positions come from the mask.
+    """
+    tokenizer = processor.tokenizer
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + list(prompt) for prompt in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts])
+    pixel_values = processor.preprocess_images(list(images)).to(model.device) if images else None
+    output = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        pixel_values=pixel_values,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        stopping_criteria=stopping_criteria,
+    )
+    continuations = []
+    for row in output[:, width:].tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        else:  # a row stopped by `stopping_criteria` before the longest one is padded after its end
+            while row and row[-1] == pad_id:
+                row.pop()
+        continuations.append(row)
+    return continuations
+
+
+def question_prompt(question: Question, suffix: str = "") -> str:
+    """The user turn for a question: LLaVA's "<image>\\n" before the text, the prompt suffix after it."""
+    text = question.text + (f"\n{suffix}" if suffix else "")
+    return f"{IMAGE_TOKEN}\n{text}" if question.image is not None else text
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as picture:
+        return picture.convert("RGB")
+
+
 def generate_answers(
     model,
     processor,
@@ -115,44 +199,25 @@ def generate_answers(
     suffix: str = "",
     progress: bool = True,
 ) -> tuple[list[str], list[str], int]:
-    """Greedy answers (and the prompts used) for each question, in order."""
+    """Greedy answers (and the prompts used) for each question, in order, and the number of tokens generated."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokenizer = processor.tokenizer
     encoder = ConversationEncoder(tokenizer, template, processor.num_image_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers, prompts, new_tokens = [], [], 0
-    bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress)
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        rows, pictures = [], []
-        for q in chunk:
-            text = q.text + (("\n" + suffix) if suffix else "")
-            content = f"<image>\n{text}" if q.image is not None else text
-            prompts.append(content)
-            rows.append(encoder.encode_prompt([Message("user", content)]))
-            if q.image is not None:
-                with Image.open(image_folder / q.image) as im:
-                    pictures.append(im.convert("RGB"))
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])  # left padding
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        pixel_values = processor.preprocess_images(pictures).to(model.device) if pictures else None
-        output = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            pixel_values=pixel_values,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        generated = output[:, width:]
-        for row in generated:
-            kept = row[row != pad_id] if pad_id != tokenizer.eos_token_id else row
-            new_tokens += int((row != pad_id).sum())
-            answers.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(questions), desc="eval", unit="q", disable=not progress) as bar:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start : start + batch_size]
+            contents = [question_prompt(q, suffix) for q in chunk]
+            rows = [encoder.encode_prompt([Message("user", content)]) for content in contents]
+            pictures = [load_image(image_folder / q.image) for q in chunk if q.image is not None]
+            for continuation in generate_batch(model, processor, rows, pictures, max_new_tokens):
+                new_tokens += len(continuation)
+                answers.append(tokenizer.decode(continuation, skip_special_tokens=True).strip())
+            prompts += contents
+            bar.update(len(chunk))
     return answers, prompts, new_tokens
 
 
@@ -170,16 +235,22 @@ def evaluate_file(
     processor=None,
     progress: bool = True,
 ) -> EvalResult:
-    """Answers a question file and writes the answers JSONL; `model`/`processor` may be passed already loaded."""
+    """Answers a question file and writes the answers JSONL; `model`/`processor` may be passed already loaded.
+
+    Lines that cannot be answered (bad JSON, missing fields, missing or unreadable image) are printed to stderr with
+    their file and line before generation starts and skipped; with `strict` the first one raises ValueError.
+    """
     from .loading import load_for_inference
 
     model_dir = Path(model_dir)
+    folder = Path(image_folder) if image_folder is not None else None
+    questions, problems = read_questions(Path(questions_file), folder, strict)
+    for found in problems:
+        print(f"skipped: {found}", file=sys.stderr)
     if model is None:
         model, processor = load_for_inference(model_dir)
     info = run_info(model_dir)
     template = template or info.get("template", "vicuna_v1")
-    folder = Path(image_folder) if image_folder is not None else None
-    questions, problems = read_questions(Path(questions_file), folder, strict)
     started = time.perf_counter()
     answers, prompts, new_tokens = generate_answers(
         model, processor, questions, folder, template, batch_size, max_new_tokens, suffix, progress
@@ -201,9 +272,17 @@ def evaluate_file(
             }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out_file)
-    for found in problems:
-        print(f"skipped: {found}")
-    return EvalResult(out_file, len(questions), problems, seconds, new_tokens)
+    return EvalResult(out_file, len(questions), problems, seconds, new_tokens, questions, template)
 
 
-__all__ = ["EvalResult", "Question", "QuestionProblem", "RUN_INFO_FILE", "evaluate_file", "generate_answers", "read_questions"]
+__all__ = [
+    "EvalResult",
+    "Question",
+    "QuestionProblem",
+    "RUN_INFO_FILE",
+    "evaluate_file",
+    "generate_answers",
+    "generate_batch",
+    "question_prompt",
+    "read_questions",
+]

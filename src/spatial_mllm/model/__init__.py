@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration import IMAGE_TOKEN, SpatialMLLMConfig
+from .configuration import IMAGE_TOKEN, RUN_INFO_FILE, SpatialMLLMConfig
 from .modeling import SpatialMLLMForConditionalGeneration
 from .processing import SpatialMLLMProcessor, pad_to_square
 from .builder import add_image_token, build_model, image_processor_for
@@ -13,6 +13,7 @@ AutoProcessor.register(SpatialMLLMConfig, SpatialMLLMProcessor, exist_ok=True)
 
 __all__ = [
     "IMAGE_TOKEN",
+    "RUN_INFO_FILE",
     "SpatialMLLMConfig",
     "SpatialMLLMForConditionalGeneration",
     "SpatialMLLMProcessor",

@@ -7,6 +7,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 IMAGE_TOKEN = "<image>"
+# Beside a trained model: how it was prompted (template) and named; written last, so it also marks completion.
+RUN_INFO_FILE = "spatial_mllm_run.json"
 
 
 @strict
@@ -39,4 +41,4 @@ class SpatialMLLMConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
-__all__ = ["IMAGE_TOKEN", "SpatialMLLMConfig"]
+__all__ = ["IMAGE_TOKEN", "RUN_INFO_FILE", "SpatialMLLMConfig"]

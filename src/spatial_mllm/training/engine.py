@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..model import SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor, build_model
+from ..model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor, build_model
 from .batches import MicroBatchSampler, VisionFeatureCollator
 from .checkpoint import (
+    write_json,
     TrainerState,
     latest_checkpoint,
     list_checkpoints,
@@ -395,6 +396,9 @@ def export_model(
         unwrapped.save_pretrained(output_dir, state_dict=base)
         save_adapter(output_dir, adapter, lora_config)
     processor.save_pretrained(output_dir)
+    # Written last: marks the folder complete, and tells evaluation how to prompt this model.
+    write_json(output_dir / RUN_INFO_FILE, {"template": config.data.template, "model_id": output_dir.name,
+                                            "stage": config.stage.name, "projector": unwrapped.config.projector_type})
 
 
 __all__ = ["NonFiniteLossError", "load_model", "train"]

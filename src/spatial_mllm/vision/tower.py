@@ -71,7 +71,17 @@ class VisionTower(nn.Module):
 
         config = vision_config_of(AutoConfig.from_pretrained(name_or_path, **kwargs))
         model_class = getattr(transformers, backbone_of(config).model_class)
-        return cls(model_class.from_pretrained(name_or_path, config=config, **kwargs), frozen=frozen)
+        # A full CLIP/SigLIP folder also holds the text tower: transformers would list each of its weights as
+        # unexpected. Only the vision weights matter here, and missing ones still raise below.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, info = model_class.from_pretrained(name_or_path, config=config, output_loading_info=True, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        if info["missing_keys"]:
+            raise ValueError(f"{name_or_path}: vision weights missing: {sorted(info['missing_keys'])[:8]}")
+        return cls(model, frozen=frozen)
 
     def freeze(self) -> None:
         self.model.requires_grad_(False)

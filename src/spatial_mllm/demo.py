@@ -1,0 +1,363 @@
+"""`spatial-mllm demo`: the whole LLaVA recipe, end to end, on the built-in spatial world.
+
+No pretrained weights can be had offline, so the demo makes everything itself: the world, a tokenizer, a tiny
+CLIP (contrastive, on object-list captions) and a tiny Llama (on the world's text). Then, for each projector, on
+the same data and seeds: stage 1 (projector only, `plain` captions), stage 2 (LoRA + projector, `vicuna_v1`
+conversations), evaluation on the test and compositional hold-out splits, and a comparison report.
+The ViT is frozen throughout, so its features are computed once and shared by every projector.
+Everything expensive is cached under the run folder: a second run reuses what has not changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEMO_PROJECTORS = ("mlp2x_gelu", "llava_sp_pooling", "llava_sp_cropping", "saep")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    lr: float
+    projector_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and schedules of one demo setting; `DEFAULT` fits 15 minutes on 2 CPU cores, `QUICK` 2 minutes."""
+
+    world: dict[str, int]
+    clip: dict[str, Any]
+    llm: dict[str, Any]
+    stage1: StagePlan
+    stage2: StagePlan
+    lora_r: int
+    eval_images: int  # images per evaluation split (all their questions are asked)
+    latency_samples: int
+    projector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _projector_options(vision_width: int) -> dict[str, dict[str, Any]]:
+    # LLaVA-SP's SFE tokens are half the ViT width at paper scale (1024 -> 512): keep that ratio for the tiny ViT.
+    half = {"spatial_width": vision_width // 2}
+    return {"llava_sp_pooling": half, "llava_sp_cropping": half, "llava_sp_pooling_nodfi": half}
+
+
+DEFAULT = DemoPlan(
+    world={"n_train": 2000, "n_val": 100, "n_test": 150, "n_holdout": 100},
+    clip={},
+    llm={},
+    stage1=StagePlan(steps=60, global_batch_size=32, micro_batch_size=32, lr=2e-3),
+    stage2=StagePlan(steps=120, global_batch_size=32, micro_batch_size=16, lr=1e-3, projector_lr=2e-4),
+    lora_r=32,
+    eval_images=150,
+    latency_samples=32,
+    projector_options=_projector_options(96),
+)
+QUICK = DemoPlan(
+    world={"n_train": 300, "n_val": 20, "n_test": 30, "n_holdout": 20},
+    clip={"quick": True},
+    llm={"quick": True},
+    stage1=StagePlan(steps=8, global_batch_size=16, micro_batch_size=16, lr=2e-3),
+    stage2=StagePlan(steps=12, global_batch_size=16, micro_batch_size=16, lr=1e-3, projector_lr=2e-4),
+    lora_r=16,
+    eval_images=20,
+    latency_samples=8,
+    projector_options=_projector_options(96),
+)
+
+
+def log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+# --- steps -----------------------------------------------------------------------------------------------------------
+
+
+def make_world_once(out: Path, plan: DemoPlan, seed: int) -> Path:
+    from .data.world import make_world
+    from .data.world.make import MANIFEST
+
+    world = out / "world"
+    wanted = {"seed": seed, **plan.world}
+    manifest = world / MANIFEST
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        counts = have.get("counts", {})
+        same = have.get("seed") == seed and all(
+            counts.get(key[2:]) == value for key, value in plan.world.items()
+        )
+        if same:
+            log(f"world: reusing {world}")
+            return world
+    log(f"world: generating {wanted}")
+    make_world(world, seed=seed, overwrite=True, progress=True, **plan.world)
+    return world
+
+
+def tokenizer_once(out: Path, world: Path):
+    from transformers import AutoTokenizer
+
+    from .data.tokenizer import train_world_tokenizer, world_texts
+
+    folder = out / "cache" / "tokenizer"
+    stamp = folder / "world.json"
+    if not (stamp.is_file() and stamp.read_bytes() == (world / "world.json").read_bytes()):
+        log("tokenizer: training a byte-level BPE on the world's text")
+        if folder.exists():
+            shutil.rmtree(folder)
+        train_world_tokenizer(world_texts(world), folder)
+        shutil.copyfile(world / "world.json", stamp)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def split_images(world: Path, split: str) -> tuple[list[str], list[str]]:
+    """(image paths relative to the world folder, object-list captions) of one split."""
+    from .data.world.make import split_files
+
+    paths, captions = [], []
+    with (world / split_files(split)["captions"]).open() as handle:
+        for line in handle:
+            record = json.loads(line)
+            paths.append(record["image"])
+            captions.append(record["caption"])
+    return paths, captions
+
+
+def pretrain_encoders(out: Path, world: Path, tokenizer, plan: DemoPlan) -> tuple[Path, Path, dict[str, float]]:
+    from .training.pretrain_llm import LLM_DEFAULT, LLM_QUICK, conversation_texts, pretrain_llm_cached
+    from .training.pretrain_vision import CLIP_DEFAULT, CLIP_QUICK, pretrain_clip_cached
+
+    cache = out / "cache"
+    paths, captions = split_images(world, "train")
+    clip_config = CLIP_QUICK if plan.clip.get("quick") else CLIP_DEFAULT
+    clip = pretrain_clip_cached(cache, [world / p for p in paths], captions, tokenizer, clip_config, log=log)
+    texts = []
+    for name in ("llava_stage1_train.json", "llava_stage2_train.json"):
+        texts += conversation_texts(world / name, tokenizer, world, "vicuna_v1")
+    llm_config = LLM_QUICK if plan.llm.get("quick") else LLM_DEFAULT
+    llm = pretrain_llm_cached(cache, texts, tokenizer, llm_config, log=log)
+    metrics = {f"clip_{k}": v for k, v in clip.metrics.items()} | {f"llm_{k}": v for k, v in llm.metrics.items()}
+    return clip.path, llm.path, metrics
+
+
+def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> tuple[int, ...]:
+    """The union of the ViT layers the projectors read (projectors built on the meta device: nothing allocated)."""
+    from transformers import AutoConfig
+
+    from .projectors import build_projector
+    from .vision.tower import VisionTower, vision_config_of
+
+    with torch.device("meta"):
+        geometry = VisionTower.from_config(vision_config_of(AutoConfig.from_pretrained(clip))).geometry
+        layers = {
+            layer
+            for name in projectors
+            for layer in build_projector(name, geometry, 8, **plan.projector_options.get(name, {})).feature_layers
+        }
+    return tuple(sorted(layers))
+
+
+def cache_features(out: Path, world: Path, clip: Path, layers: tuple[int, ...]):
+    from .model import image_processor_for, pad_to_square
+    from .training.feature_cache import cache_vision_features
+    from .vision import VisionTower
+
+    tower = VisionTower.from_pretrained(str(clip))
+    image_processor = image_processor_for(str(clip))
+    fill = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+
+    def transform(images):  # what SpatialMLLMProcessor.preprocess_images does, without needing a tokenizer
+        padded = [pad_to_square(image, fill) for image in images]
+        return image_processor(images=padded, return_tensors="pt")["pixel_values"]
+
+    paths = []
+    for split in ("train", "val", "test", "holdout"):
+        paths += split_images(world, split)[0]
+    log(f"vision features: {len(paths)} images, ViT layers {layers}")
+    return cache_vision_features(tower, paths, transform, layers, out / "cache" / "vision_features.safetensors",
+                                 image_root=world, dtype="float32")
+
+
+def stage_config(stage: str, plan: DemoPlan, out_dir: Path, world: Path, seed: int, **fields: Any):
+    """The shipped world config of the stage with this demo's paths and schedule as `key=value` overrides."""
+    from .training.config import load_config
+
+    stage_plan = plan.stage1 if stage == "align" else plan.stage2
+    train_json = "llava_stage1_train.json" if stage == "align" else "llava_stage2_train.json"
+    overrides = {
+        "output_dir": out_dir,
+        "resume": "auto",
+        "data.train_json": world / train_json,
+        "data.image_folder": world,
+        "optimisation.max_steps": stage_plan.steps,
+        "optimisation.global_batch_size": stage_plan.global_batch_size,
+        "optimisation.micro_batch_size": stage_plan.micro_batch_size,
+        "optimisation.lr": stage_plan.lr,
+        "optimisation.projector_lr": stage_plan.projector_lr,
+        "optimisation.seed": seed,
+        "optimisation.mixed_precision": "bf16",
+        "checkpoint.every_steps": max(1, stage_plan.steps // 2),
+        **fields,
+    }
+    if stage == "instruct":
+        overrides |= {"lora.r": plan.lora_r, "lora.alpha": 2 * plan.lora_r}  # the paper's alpha = 2r
+    return load_config(
+        "world_stage1" if stage == "align" else "world_stage2",
+        [f"{key}={json.dumps(value if not isinstance(value, Path) else str(value))}" for key, value in overrides.items()],
+    )
+
+
+def train_stage(config, features) -> Path:
+    from .data.dataset import LlavaDataset
+    from .model import RUN_INFO_FILE
+    from .training.engine import load_model, train
+    from .training.feature_dataset import CachedFeatureDataset
+
+    final = Path(config.output_dir)
+    if (final / RUN_INFO_FILE).is_file():
+        log(f"{config.stage.name}: reusing {final}")
+        return final
+    model, processor = load_model(config)
+    layers = model.vision_feature_layers
+    del model
+    base = LlavaDataset(config.data.train_json, config.data.image_folder, processor.tokenizer, config.data.template,
+                        processor.num_image_tokens, None, config.data.max_length, config.data.overlong)
+    return train(config, CachedFeatureDataset(base, features, layers))
+
+
+def evaluate(model_dir: Path, world: Path, split: str, plan: DemoPlan, features, out: Path) -> dict[str, Any]:
+    from .data.world.make import split_files
+    from .evaluation.loading import load_for_inference
+    from .evaluation.metrics import score_answers
+    from .evaluation.records import read_jsonl
+    from .evaluation.runner import evaluate_file
+
+    files = split_files(split)
+    images = set(split_images(world, split)[0][: plan.eval_images])
+    questions = [q for q in read_jsonl(world / files["questions"]) if q["image"] in images]
+    key = [k for k in read_jsonl(world / files["answer_key"]) if k["image"] in images]
+    out.mkdir(parents=True, exist_ok=True)
+    subset = out / f"{split}_questions.jsonl"
+    subset.write_text("".join(json.dumps(q, sort_keys=True) + "\n" for q in questions))
+    model, processor = load_for_inference(model_dir)
+    result = evaluate_file(model_dir, subset, world, out / f"{split}_answers.jsonl", batch_size=32,
+                           max_new_tokens=4, model=model, processor=processor)
+    scores = score_answers(read_jsonl(result.answers_file), key, str(result.answers_file), str(world / files["answer_key"]))
+    scores.pop("per_question")
+    scores["seconds"] = result.seconds
+    return scores
+
+
+def measure_latency(model_dir: Path, world: Path, plan: DemoPlan) -> dict[str, float]:
+    """Prefill + 4 greedy tokens per sample, batch 1, from pixels (ViT included), median over samples."""
+    from PIL import Image
+
+    from .data.templates import ConversationEncoder, Message
+    from .evaluation.loading import load_for_inference
+
+    model, processor = load_for_inference(model_dir)
+    encoder = ConversationEncoder(processor.tokenizer, "vicuna_v1", processor.num_image_tokens)
+    paths = split_images(world, "test")[0][: plan.latency_samples]
+    times = []
+    with torch.inference_mode():
+        for path in paths:
+            ids = torch.tensor([encoder.encode_prompt([Message("user", "<image>\nWhere is the red circle?")])])
+            with Image.open(world / path) as image:
+                pixels = processor.preprocess_images([image.convert("RGB")])
+            started = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                           max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           pad_token_id=processor.tokenizer.pad_token_id)
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return {"latency_ms_per_sample": 1000 * times[len(times) // 2]}
+
+
+def run_projector(name: str, out: Path, world: Path, clip: Path, llm: Path, tokenizer_dir: Path, features,
+                  plan: DemoPlan, seed: int) -> dict[str, Any]:
+    from .evaluation.loading import load_for_inference
+
+    folder = out / name
+    options = plan.projector_options.get(name, {})
+    model_fields = {"model.vision": clip, "model.llm": llm, "model.tokenizer": tokenizer_dir, "model.projector": name,
+                    "model.projector_options": options}
+    stage1 = train_stage(stage_config("align", plan, folder / "stage1", world, seed, **model_fields), features)
+    stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", world, seed,
+                                      **{"stage.init_from": stage1, "model.projector": None}), features)
+    model, _ = load_for_inference(stage2)
+    result: dict[str, Any] = {
+        "name": name,
+        "projector": name,
+        "visual_tokens": model.num_image_tokens,
+        "projector_parameters": sum(p.numel() for p in model.projector.parameters()),
+        "final_loss_stage1": last_loss(stage1),
+        "final_loss_stage2": last_loss(stage2),
+    }
+    del model
+    for split in ("test", "holdout"):
+        scores = evaluate(stage2, world, split, plan, features, folder / "eval")
+        result[split] = scores
+    result.update(result["test"])  # the report's main columns are the test split's
+    result.update(measure_latency(stage2, world, plan))
+    return result
+
+
+def last_loss(stage_dir: Path) -> float | None:
+    lines = (stage_dir / "train_metrics.jsonl").read_text().splitlines() if (stage_dir / "train_metrics.jsonl").is_file() else []
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS) -> Path:
+    from .evaluation.report import write_report
+
+    plan = QUICK if quick else DEFAULT
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    world = make_world_once(out, plan, seed)
+    tokenizer = tokenizer_once(out, world)
+    tokenizer_dir = out / "cache" / "tokenizer"
+    clip, llm, pretrain_metrics = pretrain_encoders(out, world, tokenizer, plan)
+    features = cache_features(out, world, clip, feature_layers(clip, projectors, plan))
+    results = []
+    for name in projectors:
+        log(f"--- {name} ---")
+        results.append(run_projector(name, out, world, clip, llm, tokenizer_dir, features, plan, seed))
+    paths = write_report(results, out / "report")
+    summary = {
+        "setting": "quick" if quick else "default",
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+        "pretraining": pretrain_metrics,
+        "runs": results,
+    }
+    (out / "report" / "demo.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    print((Path(paths["markdown"])).read_text())
+    log(f"done in {summary['seconds']:.0f} s; report in {out / 'report'}")
+    return out / "report"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="train and compare projectors end to end on the built-in world",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); reruns reuse its cache")
+    parser.add_argument("--quick", action="store_true", help="the small setting used by the tests (about 2 minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--projectors", nargs="+", default=list(DEMO_PROJECTORS),
+                        help=f"registered projector names (default: {' '.join(DEMO_PROJECTORS)})")
+    parser.set_defaults(func=lambda args: run_demo(Path(args.out), args.quick, args.seed, tuple(args.projectors)) and 0)
+
+
+__all__ = ["DEFAULT", "DEMO_PROJECTORS", "DemoPlan", "QUICK", "run_demo"]

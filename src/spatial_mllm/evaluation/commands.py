@@ -1,0 +1,253 @@
+"""`spatial-mllm eval` (answer a question file, then score it) and `spatial-mllm report` (compare scored runs).
+
+`eval` writes the answers JSONL at --out and, beside it, a scores JSON (OUT with suffix .scores.json) holding the
+run's facts (name, projector, visual tokens, projector parameters, latency, tokens/s) with the scores, so that
+`report --runs` takes those files as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..data.templates import TEMPLATES
+from .loading import load_for_inference
+from .metrics import read_key_item, score_answers
+from .pope import score_pope
+from .records import describe_ids, read_jsonl
+from .report import markdown_table, read_run, read_runs, write_report
+from .runner import EvalResult, Question, QuestionProblem, evaluate_file, read_questions
+
+SCORES_SUFFIX = ".scores.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_eval(subparsers)
+    _register_report(subparsers)
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="answer an evaluation question file with a trained model, then score it",
+        description=(
+            "Answer a LLaVA question JSONL greedily in batches and write LLaVA's answers JSONL. With --answer-key "
+            "(the built-in world's key) or --pope (labels in the question file) the answers are scored; the scores "
+            f"and the run's facts go to OUT with suffix {SCORES_SUFFIX}. Lines that cannot be answered are reported "
+            "with their file and line and skipped, unless --strict."
+        ),
+    )
+    parser.add_argument("--model", required=True, type=Path, help="trained model folder (config.json, weights)")
+    parser.add_argument("--questions", required=True, type=Path, help="question JSONL: question_id, image, text")
+    parser.add_argument("--images", type=Path, help="folder the questions' image paths are relative to")
+    parser.add_argument("--out", required=True, type=Path, help="answers JSONL to write")
+    scoring = parser.add_mutually_exclusive_group()
+    scoring.add_argument("--answer-key", type=Path, help="answer-key JSONL to score against (built-in world)")
+    scoring.add_argument("--pope", action="store_true", help="score as POPE: labels and splits are in --questions")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="longest answer in tokens (default 16)")
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES.names(),
+        help="conversation template (default: the one the model was trained with, else vicuna_v1)",
+    )
+    parser.add_argument("--suffix", default="", help="text added on a new line after each question")
+    parser.add_argument("--strict", action="store_true", help="stop at the first line that cannot be answered")
+    parser.add_argument("--name", help="run name in scores and reports (default: the model folder's name)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_eval)
+
+
+def _register_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="compare scored runs: Markdown table, JSON summary, plots",
+        description=f"Write report.md, report.json and two PNG plots from the {SCORES_SUFFIX} files of `eval`.",
+    )
+    parser.add_argument("--runs", required=True, nargs="+", type=Path, help=f"{SCORES_SUFFIX} files, one per run")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the report")
+    parser.set_defaults(func=_report)
+
+
+# --- eval ---------------------------------------------------------------------------------------------------------
+
+
+def scores_path(answers_file: Path) -> Path:
+    """answers.jsonl -> answers.scores.json, beside it."""
+    return answers_file.with_suffix(SCORES_SUFFIX)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--batch-size and --max-new-tokens must be at least 1")
+    # Everything that can be checked without the model is checked first, so a bad file fails in seconds, not
+    # after the generation; this reading prints nothing, evaluate_file reports the skipped lines.
+    questions, problems = read_questions(args.questions, args.images, args.strict)
+    if not questions:
+        first = f"; the first: {problems[0]}" if problems else ""
+        raise ValueError(f"{args.questions}: no question can be answered ({len(problems)} lines skipped{first})")
+    key = _read_answer_key(args.answer_key, questions, problems) if args.answer_key else None
+    if args.pope:
+        _check_pope_labels(args.questions, questions)
+
+    model, processor = load_for_inference(args.model)
+    result = evaluate_file(
+        args.model,
+        args.questions,
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        template=args.template,
+        suffix=args.suffix,
+        strict=args.strict,
+        model=model,
+        processor=processor,
+        progress=not args.quiet,
+    )
+    scores = run_facts(args, model, result)
+    if key is not None:
+        scores.update(_score_with_key(args.answer_key, key, result))
+    elif args.pope:
+        scores.update(_score_pope_run(args.questions, result))
+    path = scores_path(args.out)
+    path.write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    print(f"{result.answered} questions answered, {len(result.problems)} lines skipped; answers: {args.out}")
+    print(f"scores and run facts: {path}")
+    if key is not None:
+        print(key_table(scores))
+    elif args.pope:
+        print(pope_table(scores["pope"]))
+    return 0
+
+
+def run_facts(args: argparse.Namespace, model, result: EvalResult) -> dict[str, Any]:
+    """What `report` needs besides the scores, measured on this run."""
+    seconds = result.seconds
+    return {
+        "name": args.name or args.model.resolve().name,
+        "model": str(args.model),
+        "projector": model.config.projector_type,
+        "visual_tokens": model.num_image_tokens,
+        "projector_parameters": sum(parameter.numel() for parameter in model.projector.parameters()),
+        # Wall time of generation per question at this batch size, image loading included.
+        "latency_ms_per_sample": 1000 * seconds / result.answered if result.answered and seconds > 0 else None,
+        "tokens_per_second": result.new_tokens / seconds if result.new_tokens and seconds > 0 else None,
+        "generated_tokens": result.new_tokens,
+        "questions_file": str(args.questions),
+        "answers_file": str(args.out),
+        "answered": result.answered,
+        "skipped": [str(found) for found in result.problems],
+        "generation": {
+            "template": result.template,
+            "suffix": args.suffix,
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "decoding": "greedy",
+        },
+    }
+
+
+def _read_answer_key(
+    path: Path, questions: list[Question], problems: list[QuestionProblem]
+) -> list[dict[str, Any]]:
+    """The key's records, each checked, after checking that it fits the question file.
+
+    Every question needs a key entry; key entries without a question are allowed only as far as lines of the
+    question file were skipped (their ids may be unknown), since otherwise the key belongs to another file.
+    """
+    key = read_jsonl(path)
+    for index, record in enumerate(key):
+        read_key_item(record, f"{path} record {index}")
+    key_ids = {str(record["question_id"]) for record in key}
+    question_ids = {str(question.question_id) for question in questions}
+    missing = [str(question.question_id) for question in questions if str(question.question_id) not in key_ids]
+    if missing:
+        raise ValueError(f"{path}: no entry for {len(missing)} questions of the question file: {describe_ids(missing)}")
+    extra = [question_id for question_id in key_ids if question_id not in question_ids]
+    if len(extra) > len(problems):
+        raise ValueError(
+            f"{path}: {len(extra)} entries whose question is not in the question file "
+            f"({describe_ids(sorted(extra))}); is it the key of another question file?"
+        )
+    return key
+
+
+def _score_with_key(path: Path, key: list[dict[str, Any]], result: EvalResult) -> dict[str, Any]:
+    answers = read_jsonl(result.answers_file)
+    answered = {str(answer["question_id"]) for answer in answers}
+    # Questions skipped above have no answer: they are left out of the score, and listed.
+    unscored = sorted(str(record["question_id"]) for record in key if str(record["question_id"]) not in answered)
+    scored_key = [record for record in key if str(record["question_id"]) in answered]
+    scores = score_answers(answers, scored_key, str(result.answers_file), str(path))
+    return {"benchmark": "answer_key", "answer_key": str(path), "unscored_questions": unscored, **scores}
+
+
+def _check_pope_labels(path: Path, questions: list[Question]) -> None:
+    for question in questions:
+        where = f"{path} line {question.line}"
+        label = question.record.get("label")
+        if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
+            raise ValueError(f"{where}: field 'label' must be 'yes' or 'no' for POPE, got {label!r}")
+        if not isinstance(question.category, str) or not question.category:
+            raise ValueError(f"{where}: field 'category' (the POPE split) must be a non-empty string")
+
+
+def _score_pope_run(questions_file: Path, result: EvalResult) -> dict[str, Any]:
+    answers = read_jsonl(result.answers_file)
+    pope = score_pope([q.record for q in result.questions], answers, str(questions_file), str(result.answers_file))
+    # For the report, the POPE splits are the categories and accuracy the measure; F1 stays in "pope".
+    return {
+        "benchmark": "pope",
+        "overall": pope["mean"]["accuracy"],
+        "categories": {split: metrics["accuracy"] for split, metrics in pope["splits"].items()},
+        "pope": pope,
+    }
+
+
+def key_table(scores: Mapping[str, Any]) -> str:
+    counts = scores["counts"]
+    rows = [(name, accuracy, counts["categories"][name]) for name, accuracy in scores["categories"].items()]
+    rows.append(("overall", scores["overall"], counts["overall"]))
+    width = max(len("category"), *(len(name) for name, _, _ in rows))
+    lines = [f"{'category':<{width}}  accuracy  correct/total"]
+    for name, accuracy, tally in rows:
+        lines.append(f"{name:<{width}}  {accuracy * 100:7.1f}%  {tally['correct']:>6}/{tally['total']}")
+    return "\n".join(lines)
+
+
+def pope_table(pope: Mapping[str, Any]) -> str:
+    columns = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    rows = [*pope["splits"].items(), ("mean", pope["mean"])]
+    width = max(len("split"), *(len(name) for name, _ in rows))
+    lines = [f"{'split':<{width}}  " + "  ".join(f"{column:>9}" for column in columns)]
+    for name, metrics in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{metrics[column] * 100:8.1f}%" for column in columns))
+    return "\n".join(lines)
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace) -> int:
+    results, first_file_of = [], {}
+    for path in args.runs:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such scores file")
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        name = read_run(result, str(path)).name  # checks the run, errors name the file
+        if name in first_file_of:
+            raise ValueError(f"{path}: run name {name!r} is also the name in {first_file_of[name]}; names must differ")
+        first_file_of[name] = path
+        results.append(result)
+    paths = write_report(results, args.out)
+    print(markdown_table(read_runs(results)))
+    print("report written: " + ", ".join(str(path) for path in paths.values()))
+    return 0

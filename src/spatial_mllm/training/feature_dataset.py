@@ -1,0 +1,33 @@
+"""A LLaVA dataset whose images are served as cached frozen-ViT features instead of pixels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..data.dataset import LlavaDataset
+from .feature_cache import VisionFeatures
+
+
+class CachedFeatureDataset(Dataset):
+    """Wraps a LlavaDataset built without image_transform; each item gets `vision_features` for its images.
+
+    Valid only while the vision tower stays frozen: the cache fingerprint ties it to the tower's weights.
+    """
+
+    def __init__(self, base: LlavaDataset, features: VisionFeatures, layers: tuple[int, ...]):
+        if base.image_transform is not None:
+            raise ValueError("build the LlavaDataset without image_transform: images come from the feature cache")
+        self.base = base
+        self.features = features
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.base[i])
+        if item["images"]:
+            item["vision_features"] = self.features.lookup(list(item["images"]), self.layers)
+        return item

@@ -1,0 +1,328 @@
+"""The evaluation runner and `spatial-mllm eval` / `report` on a tiny random model saved to disk.
+
+Answers must not depend on the batch size, broken question lines must be reported with their line and skipped
+(or stop the run with --strict), and the scores file must carry what `report` needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from spatial_mllm import cli
+from spatial_mllm.data.templates import ConversationEncoder, Message
+from spatial_mllm.evaluation.loading import load_for_inference
+from spatial_mllm.evaluation.runner import read_questions
+from tiny import tiny_model
+
+QUESTIONS = [
+    ("what color is the circle ?", "color"),
+    ("is the square left of the triangle ?", "left_right"),
+    ("how many circle are there ?", "count"),
+    ("what shape is at the top ?", "shape"),
+    ("is there a red square ?", "existence"),
+    ("which is larger ?", "size"),
+    ("what color is the small triangle at the bottom ?", "color"),
+    ("is the blue circle above the green square ?", "above_below"),
+    ("how many objects ?", "count"),
+    ("where is the yellow circle ?", "location"),
+    ("what is in the center ?", "location"),
+]
+TEXT_ONLY = {3, 8}  # questions without image
+MAX_NEW_TOKENS = "4"
+# What differs between two runs of the same model on the same file: timings, names, the batch size.
+PER_RUN_FIELDS = ("latency_ms_per_sample", "tokens_per_second", "generation", "answers_file", "name")
+
+
+@pytest.fixture(autouse=True)
+def only_eval_commands(monkeypatch):
+    # The CLI as users call it, with only the evaluation subcommands registered (the other areas are not needed).
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("spatial_mllm.evaluation.commands",))
+
+
+def sharpened(model, processor):
+    """Redraw the LM's and projector's matrices with a larger spread: at the usual 0.02 a tiny random model says
+    nearly the same thing whatever it is shown, and then answers in the wrong order or from the wrong image would
+    go unnoticed."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1 and not name.startswith("vision_tower"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    model, processor = sharpened(*tiny_model("mlp2x_gelu", seed=1))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_questions(folder: Path, lines: list[str] | None = None) -> Path:
+    """The question JSONL and its PNG images (each a different colour and size, so answers can differ)."""
+    (folder / "images").mkdir(exist_ok=True)
+    records = []
+    for index, (text, category) in enumerate(QUESTIONS):
+        record = {"question_id": f"q{index}", "text": text, "category": category}
+        if index not in TEXT_ONLY:
+            Image.new("RGB", (32 + 4 * index, 40), (23 * index % 256, 200 - 9 * index, 60 + 15 * index)).save(
+                folder / "images" / f"{index}.png"
+            )
+            record["image"] = f"{index}.png"
+        records.append(json.dumps(record))
+    path = folder / "questions.jsonl"
+    path.write_text("\n".join(lines if lines is not None else records) + "\n", encoding="utf-8")
+    return path
+
+
+def run_eval(model_dir: Path, questions: Path, out: Path, *extra: str) -> int:
+    return cli.main(
+        ["eval", "--model", str(model_dir), "--questions", str(questions), "--images", str(questions.parent / "images"),
+         "--out", str(out), "--max-new-tokens", MAX_NEW_TOKENS, "--quiet", *extra]
+    )  # fmt: skip
+
+
+def read_answers(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def key_from(answers: list[dict], right: set[int]) -> list[dict]:
+    """An answer key under which exactly the answers of `right` (question indices) are correct."""
+    return [
+        {"question_id": a["question_id"], "category": QUESTIONS[i][1], "type": "short",
+         "answer": a["text"] if i in right else "zebra"}
+        for i, a in enumerate(answers)
+    ]  # fmt: skip
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_batch_size_does_not_change_answers_or_scores(model_dir, tmp_path):
+    questions = write_questions(tmp_path)
+    assert run_eval(model_dir, questions, tmp_path / "first.jsonl", "--batch-size", "1") == 0
+    first = read_answers(tmp_path / "first.jsonl")
+    right = {0, 2, 5, 9}
+    key = write_jsonl(tmp_path / "key.jsonl", key_from(first, right))
+
+    for batch_size in ("1", "8"):
+        out = tmp_path / f"bs{batch_size}.jsonl"
+        assert run_eval(model_dir, questions, out, "--batch-size", batch_size, "--answer-key", str(key)) == 0
+    one, eight = tmp_path / "bs1.jsonl", tmp_path / "bs8.jsonl"
+    assert one.read_bytes() == eight.read_bytes()
+    assert one.read_bytes() == (tmp_path / "first.jsonl").read_bytes()
+    scores_one = json.loads((tmp_path / "bs1.scores.json").read_text())
+    scores_eight = json.loads((tmp_path / "bs8.scores.json").read_text())
+    for field in PER_RUN_FIELDS:
+        scores_one.pop(field), scores_eight.pop(field)
+    assert scores_one == scores_eight
+    assert scores_one["overall"] == pytest.approx(len(right) / len(QUESTIONS))
+    assert scores_one["counts"]["overall"] == {"correct": len(right), "total": len(QUESTIONS)}
+    assert scores_one["categories"]["count"] == 0.5  # q2 right, q8 wrong
+
+    # The answers are the model's own greedy answers to each question asked alone, in file order.
+    assert [a["question_id"] for a in first] == [f"q{i}" for i in range(len(QUESTIONS))]
+    assert len({a["text"] for a in first}) > 1
+    model, processor = load_for_inference(model_dir)
+    encoder = ConversationEncoder(processor.tokenizer, "vicuna_v1", processor.num_image_tokens)
+    for index in (0, 3):
+        text = QUESTIONS[index][0]
+        if index in TEXT_ONLY:
+            ids, pixel_values = encoder.encode_prompt([Message("user", text)]), None
+        else:
+            ids = encoder.encode_prompt([Message("user", f"<image>\n{text}")])
+            pixel_values = processor.preprocess_images([Image.open(questions.parent / "images" / f"{index}.png")])
+        output = model.generate(
+            input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=int(MAX_NEW_TOKENS),
+            do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+        )  # fmt: skip
+        expected = processor.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
+        assert first[index]["text"] == expected
+        assert first[index]["prompt"] == (text if index in TEXT_ONLY else f"<image>\n{text}")
+
+
+def broken_question_lines(folder: Path) -> list[str]:
+    """Line 3 is not JSON and line 5 names an image that does not exist; the rest are fine."""
+    lines = write_questions(folder).read_text(encoding="utf-8").splitlines()
+    lines[2] = '{"question_id": "q2", "text": '
+    record = json.loads(lines[4])
+    lines[4] = json.dumps({**record, "image": "missing.png"})
+    return lines
+
+
+def test_broken_lines_are_reported_with_their_line_and_skipped(model_dir, tmp_path, capsys):
+    questions = write_questions(tmp_path, broken_question_lines(tmp_path))
+    answers_ok = [{"question_id": f"q{i}", "text": "x"} for i in range(len(QUESTIONS))]
+    key = write_jsonl(tmp_path / "key.jsonl", key_from(answers_ok, right=set()))
+
+    assert run_eval(model_dir, questions, tmp_path / "answers.jsonl", "--answer-key", str(key)) == 0
+    err = capsys.readouterr().err
+    assert f"{questions} line 3 field '<line>': not valid JSON" in err
+    assert f"{questions} line 5 field 'image': file not found: " in err and "missing.png" in err
+    answered = [a["question_id"] for a in read_answers(tmp_path / "answers.jsonl")]
+    assert answered == [f"q{i}" for i in range(len(QUESTIONS)) if i not in (2, 4)]
+    scores = json.loads((tmp_path / "answers.scores.json").read_text())
+    assert scores["answered"] == len(QUESTIONS) - 2
+    assert [problem.split(" field")[0] for problem in scores["skipped"]] == [f"{questions} line {n}" for n in (3, 5)]
+    assert scores["unscored_questions"] == ["q2", "q4"]
+    assert scores["counts"]["overall"] == {"correct": 0, "total": len(QUESTIONS) - 2}
+
+
+def test_strict_stops_at_the_first_broken_line(model_dir, tmp_path, capsys):
+    questions = write_questions(tmp_path, broken_question_lines(tmp_path))
+    out = tmp_path / "answers.jsonl"
+    assert run_eval(model_dir, questions, out, "--strict") == 2
+    err = capsys.readouterr().err
+    assert f"spatial-mllm eval: error: {questions} line 3 field '<line>': not valid JSON" in err
+    assert "line 5" not in err
+    assert not out.exists()
+
+
+def test_read_questions_reports_every_kind_of_problem(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "ok.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    lines = [
+        {"question_id": 1, "text": "fine", "image": "ok.png"},
+        {"question_id": 1, "text": "same id again"},
+        {"text": "no id"},
+        {"question_id": 3, "text": "  "},
+        {"question_id": 4, "text": "<image>\nplaceholder in the text", "image": "ok.png"},
+        {"question_id": 5, "text": "unreadable", "image": "broken.png"},
+        ["not", "an", "object"],
+        {"question_id": 7, "text": "text only"},
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    questions, problems = read_questions(path, tmp_path / "images", strict=False)
+    assert [(q.question_id, q.line) for q in questions] == [(1, 1), (7, 8)]
+    assert [(p.line, p.field) for p in problems] == [
+        (2, "question_id"), (3, "question_id"), (4, "text"), (5, "text"), (6, "image"), (7, "<line>"),
+    ]  # fmt: skip
+    assert "already used on line 1" in problems[0].message
+    assert "not a readable image" in problems[4].message
+
+
+def test_answer_key_of_another_file_fails_before_generation(model_dir, tmp_path, capsys):
+    questions = write_questions(tmp_path)
+    other_question = {"question_id": "other", "category": "c", "type": "short", "answer": "a"}
+    key = write_jsonl(tmp_path / "key.jsonl", [other_question])
+    assert run_eval(model_dir, questions, tmp_path / "answers.jsonl", "--answer-key", str(key)) == 2
+    assert f"{key}: no entry for {len(QUESTIONS)} questions of the question file" in capsys.readouterr().err
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_cli_eval_then_report(model_dir, tmp_path, capsys):
+    questions = write_questions(tmp_path)
+    assert run_eval(model_dir, questions, tmp_path / "plain.jsonl", "--batch-size", "4") == 0
+    answers = read_answers(tmp_path / "plain.jsonl")
+    key = write_jsonl(tmp_path / "key.jsonl", key_from(answers, right={1, 4, 6}))
+    assert run_eval(model_dir, questions, tmp_path / "mlp-a.jsonl", "--answer-key", str(key), "--name", "mlp-a") == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "27.3%" in printed  # 3 of 11
+
+    model, _ = load_for_inference(model_dir)
+    scores = json.loads((tmp_path / "mlp-a.scores.json").read_text())
+    assert scores["name"] == "mlp-a"
+    assert scores["projector"] == "mlp2x_gelu"
+    assert scores["visual_tokens"] == model.num_image_tokens == 144
+    assert scores["projector_parameters"] == sum(p.numel() for p in model.projector.parameters())
+    assert scores["latency_ms_per_sample"] > 0 and scores["tokens_per_second"] > 0
+    assert scores["generated_tokens"] <= len(QUESTIONS) * int(MAX_NEW_TOKENS)
+    assert [row["response"] for row in scores["per_question"]] == [a["text"] for a in answers]
+    assert scores["overall"] == pytest.approx(3 / 11)
+
+    # A second run as another projector's eval would write it.
+    other = {**scores, "name": "saep-b", "projector": "saep", "visual_tokens": 36, "overall": 0.5}
+    (tmp_path / "saep-b.scores.json").write_text(json.dumps(other))
+    report_dir = tmp_path / "report"
+    runs = [str(tmp_path / "mlp-a.scores.json"), str(tmp_path / "saep-b.scores.json")]
+    assert cli.main(["report", "--runs", *runs, "--out", str(report_dir)]) == 0
+    for name in ("report.md", "report.json", "accuracy_by_category.png", "accuracy_vs_visual_tokens.png"):
+        assert (report_dir / name).stat().st_size > 0
+    summary = json.loads((report_dir / "report.json").read_text())
+    assert [run["name"] for run in summary["runs"]] == ["mlp-a", "saep-b"]
+    assert summary["best_overall"] == "saep-b"
+    for run, source in zip(summary["runs"], (scores, other)):
+        for field in ("projector", "visual_tokens", "projector_parameters", "overall", "categories"):
+            assert run[field] == source[field]
+        assert run["latency_ms_per_sample"] == pytest.approx(scores["latency_ms_per_sample"])
+    assert "| mlp-a | mlp2x_gelu | 144 |" in (report_dir / "report.md").read_text()
+
+
+def test_report_names_the_file_of_a_bad_run(tmp_path, capsys):
+    good = {"name": "a", "projector": "mlp2x_gelu", "visual_tokens": 144, "overall": 0.5, "categories": {"c": 0.5}}
+    (tmp_path / "a.scores.json").write_text(json.dumps(good))
+    (tmp_path / "b.scores.json").write_text(json.dumps({**good, "name": "b", "overall": 50}))
+    (tmp_path / "c.scores.json").write_text(json.dumps(good))
+    paths = [str(tmp_path / f"{name}.scores.json") for name in "abc"]
+    assert cli.main(["report", "--runs", paths[0], paths[1], "--out", str(tmp_path / "r")]) == 2
+    assert f"{paths[1]}, field 'overall': accuracy must lie in [0, 1], got 50" in capsys.readouterr().err
+    assert cli.main(["report", "--runs", paths[0], paths[2], "--out", str(tmp_path / "r")]) == 2
+    assert f"{paths[2]}: run name 'a' is also the name in {paths[0]}" in capsys.readouterr().err
+
+
+def test_eval_on_the_built_in_world(model_dir, tmp_path):
+    from spatial_mllm.data.world import make_world, split_files
+
+    world = tmp_path / "world"
+    make_world(world, n_train=0, n_val=1, n_test=0, n_holdout=0, progress=False)
+    files = split_files("val")
+    questions = world / files["questions"]
+    key_lines = (world / files["answer_key"]).read_text().splitlines()
+    assert any('"mc"' in line for line in key_lines)  # both question forms are scored
+    common = ["eval", "--model", str(model_dir), "--images", str(world), "--max-new-tokens", "2", "--quiet"]
+    out = tmp_path / "world.jsonl"
+    key = world / files["answer_key"]
+    assert cli.main([*common, "--questions", str(questions), "--out", str(out), "--answer-key", str(key)]) == 0
+    scores = json.loads(out.with_suffix(".scores.json").read_text())
+    assert scores["counts"]["overall"]["total"] == len(key_lines) == len(read_answers(out))
+    assert set(scores["types"]) <= {"short", "mc"}
+
+    pope_questions = world / files["pope"]["adversarial"]
+    pope_out = tmp_path / "pope.jsonl"
+    assert cli.main([*common, "--questions", str(pope_questions), "--out", str(pope_out), "--pope"]) == 0
+    pope = json.loads(pope_out.with_suffix(".scores.json").read_text())
+    labels = [json.loads(line)["label"] for line in pope_questions.read_text().splitlines()]
+    assert pope["pope"]["splits"]["adversarial"]["total"] == len(labels)
+    assert pope["categories"] == {"adversarial": pope["pope"]["splits"]["adversarial"]["accuracy"]}
+
+
+def test_a_file_with_nothing_to_answer_is_an_error(model_dir, tmp_path, capsys):
+    lines = write_questions(tmp_path).read_text(encoding="utf-8").splitlines()
+    questions = write_questions(tmp_path, [line for line in lines if '"image"' in line])  # no --images given
+    command = ["eval", "--model", str(model_dir), "--questions", str(questions), "--out", str(tmp_path / "a.jsonl")]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    skipped = len(QUESTIONS) - len(TEXT_ONLY)
+    assert f"{questions}: no question can be answered ({skipped} lines skipped; the first: " in err
+    assert "line 1 field 'image': the question has an image but no image folder was given" in err
+
+
+def test_world_answer_keys_grade_letters_and_option_texts(tmp_path):
+    from spatial_mllm.data.world import make_world, split_files
+    from spatial_mllm.evaluation.metrics import score_answers
+
+    make_world(tmp_path, n_train=0, n_val=2, n_test=0, n_holdout=0, progress=False)
+    key = [json.loads(line) for line in (tmp_path / split_files("val")["answer_key"]).read_text().splitlines()]
+    choices = [record for record in key if record["format"] == "mc"]
+    assert choices and all(record["answer"] in "ABCD" for record in choices)
+    # The world's mc key holds the letter in "answer" and the option text in "answer_text".
+    by_letter = [{"question_id": r["question_id"], "text": r["answer"]} for r in key]
+    by_text = [{"question_id": r["question_id"], "text": r["answer_text"].capitalize() + "."} for r in key]
+    assert score_answers(by_letter, key)["overall"] == 1.0
+    assert score_answers(by_text, key)["overall"] == 1.0
+    wrong_letter = {r["question_id"]: "ABCD"[("ABCD".index(r["answer"]) + 1) % len(r["options"])] for r in choices}
+    shifted = [{"question_id": r["question_id"], "text": wrong_letter.get(r["question_id"], r["answer"])} for r in key]
+    scores = score_answers(shifted, key)
+    assert scores["counts"]["types"]["mc"] == {"correct": 0, "total": len(choices)}
+    assert scores["counts"]["types"]["short"]["correct"] == len(key) - len(choices)
