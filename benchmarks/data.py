@@ -1,6 +1,20 @@
-"""Data benchmarks: how many images per second the built-in world generates (a loading section follows later).
+"""Data benchmarks: images per second of built-in world generation, samples per second of loading + collation.
 
-    .venv/bin/python benchmarks/data.py [--images 500] [--canvas 96 224] [--json runs/benchmarks/data.json]
+    .venv/bin/python benchmarks/data.py [--images 500] [--canvas 96 224] [--records 256] [--image-size 336]
+        [--batch-size 16] [--workers 0 2] [--num-image-tokens 576] [--json runs/benchmarks/data.json]
+
+Generation: scene generation, rendering and PNG encoding timed on their own in memory, then make_world writing a
+whole folder, for each --canvas.
+
+Loading: a world of --records train images (canvas: the first --canvas) generated into a temporary folder, its
+tokenizer trained on its text (spatial_mllm.data.tokenizer), and its stage-2 LLaVA JSON read through LlavaDataset +
+DataCollator in a torch DataLoader with an image transform shaped like CLIP preprocessing (resize to --image-size,
+scale, normalise; the real processor costs about the same). One full pass per setting and worker count:
+"text only" (image_transform None: JSON record, template, tokenisation, label verification, collation) and
+"text+images" (plus PNG decoding and the transform).
+
+The main process runs torch with --torch-threads (default 1, as DataLoader workers do): per-sample tensors are
+small, and more threads mostly add contention (on a busy 2-core machine, 6x slower with the default thread count).
 
 Prints one table and writes its rows as JSON. Each section is a function from the parsed options to rows (dicts;
 the table shows the union of their keys, blank where a row lacks one); SECTIONS lists them in the order they run.
@@ -16,11 +30,26 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from spatial_mllm.data.collator import DataCollator
+from spatial_mllm.data.dataset import LlavaDataset
+from spatial_mllm.data.tokenizer import train_world_tokenizer, world_texts
 from spatial_mllm.data.world import WorldConfig, generate_scene, make_world, render_scene
+from spatial_mllm.data.world.make import split_files
 from spatial_mllm.data.world.render import png_bytes
 from spatial_mllm.data.world.scene import derive_seed
 
 Row = dict[str, object]
+CLIP_MEAN = torch.tensor([0.4815, 0.4578, 0.4082]).view(3, 1, 1)
+CLIP_STD = torch.tensor([0.2686, 0.2613, 0.2758]).view(3, 1, 1)
+
+
+def per_second(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else float("inf")
 
 
 def row(benchmark: str, canvas: int, images: int, seconds: float) -> Row:
@@ -29,7 +58,7 @@ def row(benchmark: str, canvas: int, images: int, seconds: float) -> Row:
         "canvas": canvas,
         "images": images,
         "seconds": round(seconds, 4),
-        "images_per_s": round(images / seconds, 1) if seconds > 0 else float("inf"),
+        "images_per_s": per_second(images, seconds),
     }
 
 
@@ -74,7 +103,52 @@ def generation_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-SECTIONS: list[Callable[[argparse.Namespace], list[Row]]] = [generation_rows]
+def clip_like_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    def transform(image: Image.Image) -> torch.Tensor:
+        resized = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)
+        return (pixels - CLIP_MEAN) / CLIP_STD
+
+    return transform
+
+
+def time_pass(dataset: LlavaDataset, batch_size: int, workers: int, pad_token_id: int) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=DataCollator(pad_token_id))
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - start
+
+
+def loading_rows(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    canvas = args.canvas[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        world = Path(tmp) / "world"
+        make_world(world, seed=args.seed, n_train=args.records, n_val=0, n_test=0, n_holdout=0, canvas=canvas,
+                   progress=False)  # fmt: skip
+        tokenizer = train_world_tokenizer(world_texts(world), Path(tmp) / "tokenizer")
+        json_path = world / split_files("train")["stage2"]
+        for setting, transform in (("text only", None), ("text+images", clip_like_transform(args.image_size))):
+            dataset = LlavaDataset(json_path, world, tokenizer, "vicuna_v1", args.num_image_tokens, transform,
+                                   max_length=args.num_image_tokens + 512)  # fmt: skip
+            for workers in args.workers:
+                seconds = time_pass(dataset, args.batch_size, workers, tokenizer.pad_token_id)
+                rows.append({
+                    "benchmark": f"load+collate, {setting}",
+                    "canvas": canvas,
+                    "image_size": args.image_size,
+                    "batch_size": args.batch_size,
+                    "workers": workers,
+                    "torch_threads": torch.get_num_threads(),
+                    "samples": len(dataset),
+                    "seconds": round(seconds, 4),
+                    "samples_per_s": per_second(len(dataset), seconds),
+                })
+    return rows
+
+
+SECTIONS: list[Callable[[argparse.Namespace], list[Row]]] = [generation_rows, loading_rows]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -88,11 +162,18 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=500, help="images per measurement (default 500)")
+    parser.add_argument("--images", type=int, default=500, help="images per generation measurement (default 500)")
     parser.add_argument("--canvas", type=int, nargs="+", default=[96], help="canvas sides to measure (default 96)")
+    parser.add_argument("--records", type=int, default=256, help="train images of the world the loading pass reads")
+    parser.add_argument("--image-size", type=int, default=336, help="side of the transform output")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts to measure")
+    parser.add_argument("--num-image-tokens", type=int, default=576, help="image tokens per image (576: LLaVA-1.5)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="runs/benchmarks/data.json", help="where to write the rows")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     rows = [r for section in SECTIONS for r in section(args)]
     print(format_table(rows))
     out = Path(args.json)

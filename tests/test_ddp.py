@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from spatial_mllm.training.batches import MicroBatchSampler
 from spatial_mllm.training.engine import train
 from spatial_mllm.training.metrics import read_metrics
-from test_training import TinySamples, save_base, tiny_config
+from fixtures.training import TinySamples, save_base, tiny_config
 
 TEXT_ONLY = frozenset({0, 1, 2, 3})
 STEPS = 6

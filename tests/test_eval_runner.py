@@ -17,7 +17,7 @@ from spatial_mllm import cli
 from spatial_mllm.data.templates import ConversationEncoder, Message
 from spatial_mllm.evaluation.loading import load_for_inference
 from spatial_mllm.evaluation.runner import read_questions
-from tiny import tiny_model
+from tiny import save_sharpened_model
 
 QUESTIONS = [
     ("what color is the circle ?", "color"),
@@ -44,25 +44,9 @@ def only_eval_commands(monkeypatch):
     monkeypatch.setattr(cli, "COMMAND_MODULES", ("spatial_mllm.evaluation.commands",))
 
 
-def sharpened(model, processor):
-    """Redraw the LM's and projector's matrices with a larger spread: at the usual 0.02 a tiny random model says
-    nearly the same thing whatever it is shown, and then answers in the wrong order or from the wrong image would
-    go unnoticed."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1 and not name.startswith("vision_tower"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model, processor
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    model, processor = sharpened(*tiny_model("mlp2x_gelu", seed=1))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_sharpened_model(tmp_path_factory.mktemp("model"))
 
 
 def write_questions(folder: Path, lines: list[str] | None = None) -> Path:

@@ -16,31 +16,15 @@ from PIL import Image
 from spatial_mllm.data.templates import ConversationEncoder, Message
 from spatial_mllm.evaluation import lmms_eval_model
 from spatial_mllm.evaluation.lmms_eval_model import SpatialMLLMLmms, StopOnStrings, cut_at_stop, lmms_eval_manifest
-from tiny import tiny_model
+from tiny import save_sharpened_model, tiny_model
 
 TASK, SPLIT = "world_spatial", "val"
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
-def sharpened(model, processor):
-    """Redraw the LM's and projector's matrices with a larger spread: at the usual 0.02 a tiny random model says
-    nearly the same thing whatever it is shown, and then answers in the wrong order or from the wrong image would
-    go unnoticed."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1 and not name.startswith("vision_tower"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return model, processor
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    model, processor = sharpened(*tiny_model("mlp2x_gelu", seed=1))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_sharpened_model(tmp_path_factory.mktemp("model"))
 
 
 # World-style questions, worded in the tiny tokenizer's vocabulary (the world's own text is mostly unknown to it).

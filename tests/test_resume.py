@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# one_thread is an autouse fixture: imported here, it runs for every test of this file.
+from fixtures.training import TinySamples, one_thread, save_base, tiny_config  # noqa: F401
 from spatial_mllm.training.checkpoint import (
     TRAINER_STATE,
     TrainerState,
@@ -32,7 +34,6 @@ from spatial_mllm.training.checkpoint import (
 )
 from spatial_mllm.training.engine import train
 from spatial_mllm.training.metrics import read_metrics
-from test_training import TinySamples, save_base, tiny_config
 
 WORKER_STEPS = 8
 
@@ -55,14 +56,6 @@ def worker_command(base: Path, out: Path, resume: str, delay: float) -> list[str
 
 def worker_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

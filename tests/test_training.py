@@ -2,7 +2,8 @@
 falls, stage 2 from a stage-1 folder, the output loads and generates, LoRA merge parity, cached vision features,
 bf16 and gradient checkpointing, divergence message), and the CLI.
 
-Also the shared helpers of test_resume.py and test_ddp.py (tiny base model folders, an in-memory dataset).
+The helpers shared with test_resume.py and test_ddp.py (tiny base model folders, an in-memory dataset, a small
+config, one torch thread) live in fixtures/training.py.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
+# one_thread is an autouse fixture: imported here, it runs for every test of this file.
+from fixtures.training import TinySamples, one_thread, save_base, small_options, tiny_config  # noqa: F401
 from spatial_mllm import cli
 from spatial_mllm.model import SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor
 from spatial_mllm.projectors import PROJECTORS
 from spatial_mllm.training.checkpoint import latest_checkpoint, list_checkpoints
-from spatial_mllm.training.config import TrainConfig, apply_override, load_config, shipped_configs
+from spatial_mllm.training.config import TrainConfig, load_config, shipped_configs
 from spatial_mllm.training.engine import NonFiniteLossError, train
 from spatial_mllm.training.lora import ADAPTER_CONFIG, has_lora, inject_lora, linear_layer_names
 from spatial_mllm.training.metrics import read_metrics
@@ -35,96 +37,8 @@ PAPER_PROJECTORS = ("mlp2x_gelu", "llava_sp_pooling", "llava_sp_cropping", "saep
 # --- shared helpers ----------------------------------------------------------------------------------------------------
 
 
-def small_options(projector: str) -> dict:
-    # LLaVA-SP's 512-d spatial tokens would dwarf the tiny models; the structure (SFE, DFI, Ws) stays the same.
-    return {"spatial_width": 8} if projector.startswith("llava_sp") else {}
-
-
-def save_base(folder: Path, projector: str = "mlp2x_gelu") -> Path:
-    """A tiny untrained SpatialMLLM (model + processor) saved to `folder`, the `stage.init_from` of test runs."""
-    model, processor = tiny_model(projector, **small_options(projector))
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-class TinySamples(Dataset):
-    """n samples, each an image and a 6-word answer that is a function of the sample (so it can be learned).
-
-    features=True yields `vision_features` computed by `encoder` (the model's frozen ViT) instead of pixel_values.
-    delay: seconds to sleep per sample (lets a test kill a run mid-way). text_only: indices without an image.
-    """
-
-    def __init__(
-        self, base: Path, n: int = 8, encoder=None, nan_after: int | None = None, delay: float = 0.0,
-        text_only: frozenset[int] = frozenset(),
-    ):
-        processor = SpatialMLLMProcessor.from_pretrained(base)
-        self.n = n
-        self.num_image_tokens = processor.num_image_tokens
-        self.image_token_id = processor.image_token_id
-        self.encoder = encoder
-        self.nan_after = nan_after
-        self.delay = delay
-        self.text_only = text_only
-        self.calls = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def pixels(self, i: int) -> torch.Tensor:
-        return torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(1000 + i))
-
-    def __getitem__(self, i: int) -> dict:
-        import time
-
-        time.sleep(self.delay)
-        self.calls += 1
-        words = torch.randint(5, 50, (6,), generator=torch.Generator().manual_seed(i))
-        image_tokens = 0 if i in self.text_only else self.num_image_tokens
-        input_ids = torch.cat([torch.tensor([1]), torch.full((image_tokens,), self.image_token_id), words, torch.tensor([2])])
-        labels = input_ids.clone()
-        labels[: 1 + image_tokens] = -100
-        if i in self.text_only:
-            return {"input_ids": input_ids, "labels": labels, "pixel_values": None, "id": i}
-        pixels = self.pixels(i)
-        if self.nan_after is not None and self.calls > self.nan_after:
-            pixels = torch.full_like(pixels, float("nan"))
-        item = {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "id": i}
-        if self.encoder is not None:
-            with torch.no_grad():
-                item["vision_features"] = self.encoder(pixels)
-            item["pixel_values"] = None
-        return item
-
-
-def tiny_config(base: Path, out: Path, stage: str = "align", *overrides: str) -> TrainConfig:
-    """4 optimiser steps of 4 samples (2 micro-batches of 2), a checkpoint every 2 steps."""
-    config = TrainConfig()
-    settings = [
-        f"stage.name={stage}", f"stage.init_from={base}", f"output_dir={out}",
-        "optimisation.global_batch_size=4", "optimisation.micro_batch_size=2", "optimisation.max_steps=4",
-        "optimisation.lr=1e-3", "optimisation.warmup_ratio=0", "optimisation.seed=0",
-        "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-    ]
-    if stage == "instruct":
-        settings += ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "optimisation.projector_lr=1e-4"]
-    for setting in settings + list(overrides):
-        apply_override(config, setting)
-    return config.validate()
-
-
 def losses(out: Path) -> list[float]:
     return [line["loss"] for line in read_metrics(out / "metrics.jsonl")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models are far faster on one thread than with threads fighting over a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

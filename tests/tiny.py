@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig
@@ -60,3 +62,23 @@ def tiny_model(projector: str = "mlp2x_gelu", vision: str = "clip", llm: str = "
     llm_config = tiny_llama() if llm == "llama" else tiny_qwen2()
     model, processor = build_model(vision_config, llm_config, tiny_tokenizer(), projector, options)
     return model.eval(), processor
+
+
+def sharpened(model, processor):
+    """Redraw the LM's and projector's matrices with a larger spread: at the usual 0.02 a tiny random model says
+    nearly the same thing whatever it is shown, and then answers in the wrong order or from the wrong image would
+    go unnoticed."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1 and not name.startswith("vision_tower"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model, processor
+
+
+def save_sharpened_model(folder: Path) -> Path:
+    """A sharpened tiny MLP-projector model and its processor saved into `folder`, as evaluation loads them."""
+    model, processor = sharpened(*tiny_model("mlp2x_gelu", seed=1))
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

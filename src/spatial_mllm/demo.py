@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from .training.pretrain_llm import LLM_DEFAULT, LLM_QUICK, LlmPretrainConfig
+from .training.pretrain_vision import CLIP_DEFAULT, CLIP_QUICK, ClipPretrainConfig
+
 DEMO_PROJECTORS = ("mlp2x_gelu", "llava_sp_pooling", "llava_sp_cropping", "saep")
 
 
@@ -38,8 +41,8 @@ class DemoPlan:
     """Sizes and schedules of one demo setting; `DEFAULT` fits 15 minutes on 2 CPU cores, `QUICK` 2 minutes."""
 
     world: dict[str, int]
-    clip: dict[str, Any]
-    llm: dict[str, Any]
+    clip: ClipPretrainConfig
+    llm: LlmPretrainConfig
     stage1: StagePlan
     stage2: StagePlan
     lora_r: int
@@ -56,25 +59,25 @@ def _projector_options(vision_width: int) -> dict[str, dict[str, Any]]:
 
 DEFAULT = DemoPlan(
     world={"n_train": 2000, "n_val": 100, "n_test": 150, "n_holdout": 100},
-    clip={},
-    llm={},
+    clip=dataclasses.replace(CLIP_DEFAULT, steps=300),
+    llm=dataclasses.replace(LLM_DEFAULT, steps=150),
     stage1=StagePlan(steps=60, global_batch_size=32, micro_batch_size=32, lr=2e-3),
     stage2=StagePlan(steps=120, global_batch_size=32, micro_batch_size=16, lr=1e-3, projector_lr=2e-4),
     lora_r=32,
     eval_images=150,
     latency_samples=32,
-    projector_options=_projector_options(96),
+    projector_options=_projector_options(CLIP_DEFAULT.vision_width),
 )
 QUICK = DemoPlan(
     world={"n_train": 300, "n_val": 20, "n_test": 30, "n_holdout": 20},
-    clip={"quick": True},
-    llm={"quick": True},
+    clip=CLIP_QUICK,
+    llm=LLM_QUICK,
     stage1=StagePlan(steps=8, global_batch_size=16, micro_batch_size=16, lr=2e-3),
     stage2=StagePlan(steps=12, global_batch_size=16, micro_batch_size=16, lr=1e-3, projector_lr=2e-4),
     lora_r=16,
     eval_images=20,
     latency_samples=8,
-    projector_options=_projector_options(96),
+    projector_options=_projector_options(CLIP_QUICK.vision_width),
 )
 
 
@@ -136,18 +139,16 @@ def split_images(world: Path, split: str) -> tuple[list[str], list[str]]:
 
 
 def pretrain_encoders(out: Path, world: Path, tokenizer, plan: DemoPlan) -> tuple[Path, Path, dict[str, float]]:
-    from .training.pretrain_llm import LLM_DEFAULT, LLM_QUICK, conversation_texts, pretrain_llm_cached
-    from .training.pretrain_vision import CLIP_DEFAULT, CLIP_QUICK, pretrain_clip_cached
+    from .training.pretrain_llm import conversation_texts, pretrain_llm_cached
+    from .training.pretrain_vision import pretrain_clip_cached
 
     cache = out / "cache"
     paths, captions = split_images(world, "train")
-    clip_config = CLIP_QUICK if plan.clip.get("quick") else CLIP_DEFAULT
-    clip = pretrain_clip_cached(cache, [world / p for p in paths], captions, tokenizer, clip_config, log=log)
+    clip = pretrain_clip_cached(cache, [world / p for p in paths], captions, tokenizer, plan.clip, log=log)
     texts = []
     for name in ("llava_stage1_train.json", "llava_stage2_train.json"):
         texts += conversation_texts(world / name, tokenizer, world, "vicuna_v1")
-    llm_config = LLM_QUICK if plan.llm.get("quick") else LLM_DEFAULT
-    llm = pretrain_llm_cached(cache, texts, tokenizer, llm_config, log=log)
+    llm = pretrain_llm_cached(cache, texts, tokenizer, plan.llm, log=log)
     metrics = {f"clip_{k}": v for k, v in clip.metrics.items()} | {f"llm_{k}": v for k, v in llm.metrics.items()}
     return clip.path, llm.path, metrics
 
@@ -222,11 +223,16 @@ def stage_config(stage: str, plan: DemoPlan, out_dir: Path, world: Path, seed: i
 def train_stage(config, features) -> Path:
     from .data.dataset import LlavaDataset
     from .model import RUN_INFO_FILE
-    from .training.engine import load_model, train
+    from .training.config import load_config
+    from .training.engine import CONFIG_COPY, load_model, train
     from .training.feature_dataset import CachedFeatureDataset
 
     final = Path(config.output_dir)
-    if (final / RUN_INFO_FILE).is_file():
+    saved = final / CONFIG_COPY
+    if saved.is_file() and load_config(str(saved)).to_dict() != config.to_dict():
+        log(f"{config.stage.name}: settings changed since {final} was trained; training it again")
+        shutil.rmtree(final)
+    elif (final / RUN_INFO_FILE).is_file():
         log(f"{config.stage.name}: reusing {final}")
         return final
     model, processor = load_model(config)
@@ -237,27 +243,28 @@ def train_stage(config, features) -> Path:
     return train(config, CachedFeatureDataset(base, features, layers))
 
 
-def evaluate(model_dir: Path, world: Path, split: str, plan: DemoPlan, features, out: Path) -> dict[str, Any]:
+def evaluate(model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str, out: Path) -> dict[str, Any]:
+    """`spatial-mllm eval` on the questions of the split's first `plan.eval_images` images; returns its scores."""
+    from .cli import main as cli_main
     from .data.world.make import split_files
-    from .evaluation.loading import load_for_inference
-    from .evaluation.metrics import score_answers
+    from .evaluation.commands import scores_path
     from .evaluation.records import read_jsonl
-    from .evaluation.runner import evaluate_file
 
     files = split_files(split)
     images = set(split_images(world, split)[0][: plan.eval_images])
-    questions = [q for q in read_jsonl(world / files["questions"]) if q["image"] in images]
-    key = [k for k in read_jsonl(world / files["answer_key"]) if k["image"] in images]
     out.mkdir(parents=True, exist_ok=True)
-    subset = out / f"{split}_questions.jsonl"
-    subset.write_text("".join(json.dumps(q, sort_keys=True) + "\n" for q in questions))
-    model, processor = load_for_inference(model_dir)
-    result = evaluate_file(model_dir, subset, world, out / f"{split}_answers.jsonl", batch_size=32,
-                           max_new_tokens=4, model=model, processor=processor)
-    scores = score_answers(read_jsonl(result.answers_file), key, str(result.answers_file), str(world / files["answer_key"]))
-    scores.pop("per_question")
-    scores["seconds"] = result.seconds
-    return scores
+    subsets = {}
+    for kind in ("questions", "answer_key"):
+        subsets[kind] = out / f"{split}_{kind}.jsonl"
+        rows = [r for r in read_jsonl(world / files[kind]) if r["image"] in images]
+        subsets[kind].write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    answers = out / f"{split}_answers.jsonl"
+    status = cli_main(["eval", "--model", str(model_dir), "--questions", str(subsets["questions"]), "--images",
+                       str(world), "--out", str(answers), "--answer-key", str(subsets["answer_key"]), "--name", name,
+                       "--batch-size", "32", "--max-new-tokens", "4", "--quiet"])
+    if status != 0:
+        raise RuntimeError(f"evaluation of {model_dir} on {split} failed (exit {status})")
+    return json.loads(scores_path(answers).read_text())
 
 
 def measure_latency(model_dir: Path, world: Path, plan: DemoPlan) -> dict[str, float]:
@@ -307,8 +314,8 @@ def run_projector(name: str, out: Path, world: Path, clip: Path, llm: Path, toke
     }
     del model
     for split in ("test", "holdout"):
-        scores = evaluate(stage2, world, split, plan, features, folder / "eval")
-        result[split] = scores
+        scores = evaluate(stage2, world, split, plan, name, folder / "eval")
+        result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered")}
     result.update(result["test"])  # the report's main columns are the test split's
     result.update(measure_latency(stage2, world, plan))
     return result
@@ -319,10 +326,9 @@ def last_loss(stage_dir: Path) -> float | None:
     return json.loads(lines[-1])["loss"] if lines else None
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS) -> Path:
+def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS) -> Path:
     from .evaluation.report import write_report
 
-    plan = QUICK if quick else DEFAULT
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -337,7 +343,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, projectors: tuple[st
         results.append(run_projector(name, out, world, clip, llm, tokenizer_dir, features, plan, seed))
     paths = write_report(results, out / "report")
     summary = {
-        "setting": "quick" if quick else "default",
+        "plan": dataclasses.asdict(plan),
         "seed": seed,
         "seconds": time.perf_counter() - started,
         "pretraining": pretrain_metrics,
@@ -357,7 +363,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projectors", nargs="+", default=list(DEMO_PROJECTORS),
                         help=f"registered projector names (default: {' '.join(DEMO_PROJECTORS)})")
-    parser.set_defaults(func=lambda args: run_demo(Path(args.out), args.quick, args.seed, tuple(args.projectors)) and 0)
+    parser.set_defaults(func=lambda args: run_demo(Path(args.out), QUICK if args.quick else DEFAULT, args.seed, tuple(args.projectors)) and 0)
 
 
 __all__ = ["DEFAULT", "DEMO_PROJECTORS", "DemoPlan", "QUICK", "run_demo"]

@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class JsonlLine(NamedTuple):
+    number: int  # 1-based line number in the file
+    record: dict[str, Any] | None  # None where the line is broken
+    problem: str | None  # why the line is broken: not valid JSON, or not a JSON object
+
+
+def jsonl_lines(path: str | Path) -> Iterator[JsonlLine]:
+    """Each non-blank line of a JSONL file, parsed; a broken line comes with its problem instead of raising, so a
+    caller can skip and report it (the evaluation runner) or stop at it (read_jsonl)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield JsonlLine(number, None, f"not valid JSON ({err.msg})")
+                continue
+            if isinstance(record, dict):
+                yield JsonlLine(number, record, None)
+            else:
+                yield JsonlLine(number, None, f"expected a JSON object, got {type(record).__name__}")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -14,17 +38,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    for line in jsonl_lines(path):
+        if line.problem is not None:
+            raise ValueError(f"{path}, line {line.number}: {line.problem}")
+        records.append(line.record)
     return records
 
 

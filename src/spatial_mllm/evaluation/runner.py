@@ -25,6 +25,7 @@ from transformers import StoppingCriteriaList
 
 from ..data.templates import IMAGE_TOKEN, ConversationEncoder, Message
 from ..model import RUN_INFO_FILE  # written beside a trained model: template and prompt conventions
+from .records import jsonl_lines
 
 
 @dataclass
@@ -73,44 +74,36 @@ def read_questions(path: Path, image_folder: Path | None, strict: bool) -> tuple
 
     if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    for line_number, record, broken in jsonl_lines(path):
+        if broken is not None:
+            problem(line_number, "<line>", broken)
+            continue
+        if record.get("question_id") is None:
+            problem(line_number, "question_id", "missing")
+            continue
+        key = str(record["question_id"])
+        if key in first_line_of:
+            problem(line_number, "question_id", f"{key!r} is already used on line {first_line_of[key]}")
+            continue
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            problem(line_number, "text", "missing or empty")
+            continue
+        if IMAGE_TOKEN in text:
+            problem(line_number, "text", f"contains {IMAGE_TOKEN}; the runner places the image itself")
+            continue
+        image = record.get("image")
+        if image is not None:
+            if image_folder is None:
+                problem(line_number, "image", "the question has an image but no image folder was given")
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                problem(line_number, "<line>", f"not valid JSON ({err.msg})")
+            unreadable = _unreadable_image(image_folder / str(image))
+            if unreadable:
+                problem(line_number, "image", unreadable)
                 continue
-            if not isinstance(record, dict):
-                problem(line_number, "<line>", f"expected a JSON object, got {type(record).__name__}")
-                continue
-            if record.get("question_id") is None:
-                problem(line_number, "question_id", "missing")
-                continue
-            key = str(record["question_id"])
-            if key in first_line_of:
-                problem(line_number, "question_id", f"{key!r} is already used on line {first_line_of[key]}")
-                continue
-            text = record.get("text")
-            if not isinstance(text, str) or not text.strip():
-                problem(line_number, "text", "missing or empty")
-                continue
-            if IMAGE_TOKEN in text:
-                problem(line_number, "text", f"contains {IMAGE_TOKEN}; the runner places the image itself")
-                continue
-            image = record.get("image")
-            if image is not None:
-                if image_folder is None:
-                    problem(line_number, "image", "the question has an image but no image folder was given")
-                    continue
-                unreadable = _unreadable_image(image_folder / str(image))
-                if unreadable:
-                    problem(line_number, "image", unreadable)
-                    continue
-            first_line_of[key] = line_number
-            category = record.get("category")
-            questions.append(Question(record["question_id"], text, image, category, line_number, record))
+        first_line_of[key] = line_number
+        category = record.get("category")
+        questions.append(Question(record["question_id"], text, image, category, line_number, record))
     return questions, problems
 
 

@@ -1,12 +1,16 @@
-"""Small building blocks shared by projectors: LayerNorm2d, activations by name, init helpers, layer choices."""
+"""Small building blocks shared by projectors: LayerNorm2d, activations by name, init helpers, layer choices and
+the base of the projectors that aggregate several ViT layers."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .base import Projector, VisionGeometry
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
 
@@ -42,6 +46,38 @@ def multi_level_layers(num_layers: int) -> tuple[int, ...]:
 def half_grid(grid: int) -> int:
     """Side of a 2x-downsampled grid, rounding up so odd grids keep their last row/column (27 -> 14)."""
     return (grid + 1) // 2
+
+
+class MultiLayerProjector(Projector):
+    """Base of the projectors that aggregate several ViT layers into a 2x-downsampled grid (SAEP, TokenPacker).
+
+    `layers` (default multi_level_layers) are the aggregated hidden-state indices; `own_layer`, when given, is one
+    more layer read on its own (LLaVA's hidden_states[-2], as a shortcut or as queries), read once even when it is
+    also aggregated. `forward` gets the features of `layers` first, then that of `own_layer` if it was not among them.
+    """
+
+    def __init__(
+        self, vision: VisionGeometry, llm_width: int, *, name: str, layers: Sequence[int] | None, own_layer: int | None
+    ):
+        super().__init__(vision, llm_width)
+        self.layers = tuple(layers) if layers is not None else multi_level_layers(vision.num_layers)
+        if not self.layers or not all(0 <= i <= vision.num_layers for i in self.layers):
+            raise ValueError(f"{name} layers {self.layers} must lie in 0..{vision.num_layers} (0 = embeddings)")
+        self.own_layer = own_layer
+        extra = () if own_layer is None or own_layer in self.layers else (own_layer,)
+        self._feature_layers = self.layers + extra
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self._feature_layers
+
+    @property
+    def num_tokens(self) -> int:
+        return half_grid(self.vision.grid) ** 2
+
+    def own_feature(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The (B, g*g, C) feature of `own_layer` among the features `forward` receives."""
+        return features[self._feature_layers.index(self.own_layer)]
 
 
 @torch.no_grad()

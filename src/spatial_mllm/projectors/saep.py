@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import PROJECTORS, Projector, VisionGeometry, from_grid, to_grid
-from .layers import LayerNorm2d, half_grid, init_weights, make_activation, multi_level_layers
+from .base import PROJECTORS, VisionGeometry, from_grid, to_grid
+from .layers import LayerNorm2d, MultiLayerProjector, init_weights, make_activation
 
 AGGREGATIONS = ("concat", "mean", "weighted")
 DOWNSAMPLINGS = ("stride2", "pool")
@@ -52,7 +52,7 @@ def mlp_readout(in_width: int, out_width: int, depth: int, act: str) -> nn.Seque
 
 
 @PROJECTORS.register("saep")
-class SAEP(Projector):
+class SAEP(MultiLayerProjector):
     """Spatially aware efficient projector: (B, g*g, C) x k layers -> (B, ceil(g/2)^2, D).
 
     layers: hidden-state indices to aggregate (default L/2, 2L/3, L-2, L-1); aggregation: "concat" (channels),
@@ -73,12 +73,13 @@ class SAEP(Projector):
         activation: str = "gelu",
         readout_depth: int = 2,
     ):
-        super().__init__(vision, llm_width)
-        self.layers = tuple(layers) if layers is not None else multi_level_layers(vision.num_layers)
-        if not self.layers or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"saep layers must be distinct hidden-state indices, got {self.layers}")
-        if not all(0 <= i <= vision.num_layers for i in self.layers):
-            raise ValueError(f"saep layers {self.layers} must lie in 0..{vision.num_layers} (0 = embeddings)")
+        # The default layers are distinct; only chosen ones can repeat.
+        if layers is not None and (not layers or len(set(layers)) != len(layers)):
+            raise ValueError(f"saep layers must be distinct hidden-state indices, got {tuple(layers)}")
+        # The shortcut reads LLaVA's feature, hidden_states[-2].
+        super().__init__(
+            vision, llm_width, name="saep", layers=layers, own_layer=vision.num_layers - 1 if shortcut else None
+        )
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"saep aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if downsampling not in DOWNSAMPLINGS:
@@ -86,10 +87,6 @@ class SAEP(Projector):
         if readout_depth < 1:
             raise ValueError(f"saep readout_depth must be at least 1, got {readout_depth}")
         self.aggregation = aggregation
-        # The shortcut reads LLaVA's feature, hidden_states[-2]; it is read once even if it is also aggregated.
-        self.shortcut_layer = vision.num_layers - 1 if shortcut else None
-        extra = (self.shortcut_layer,) if shortcut and self.shortcut_layer not in self.layers else ()
-        self._feature_layers = self.layers + extra
 
         width = vision.width
         in_channels = width * len(self.layers) if aggregation == "concat" else width
@@ -98,14 +95,6 @@ class SAEP(Projector):
         self.shortcut = nn.AvgPool2d(2, ceil_mode=True) if shortcut else None
         self.readout = mlp_readout(width, llm_width, readout_depth, activation)
         self.reset_parameters()
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        return self._feature_layers
-
-    @property
-    def num_tokens(self) -> int:
-        return half_grid(self.vision.grid) ** 2
 
     def reset_parameters(self) -> None:
         init_weights(self)
@@ -127,6 +116,5 @@ class SAEP(Projector):
         maps = [to_grid(f, grid) for f in features[: len(self.layers)]]
         x = self.downsample(self.aggregate(maps))
         if self.shortcut is not None:
-            llava_feature = features[self._feature_layers.index(self.shortcut_layer)]
-            x = x + self.shortcut(to_grid(llava_feature, grid))
+            x = x + self.shortcut(to_grid(self.own_feature(features), grid))
         return self.readout(from_grid(x))

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PROJECTORS, Projector, VisionGeometry, from_grid, to_grid
-from .layers import half_grid, init_weights, multi_level_layers, trunc_normal_
+from .base import PROJECTORS, VisionGeometry, from_grid, to_grid
+from .layers import MultiLayerProjector, half_grid, init_weights, trunc_normal_
 from .mlp import mlp2x_gelu
 
 
@@ -25,7 +25,7 @@ def windows_2x2(x: torch.Tensor, out_grid: int) -> torch.Tensor:
 
 
 @PROJECTORS.register("tokenpacker")
-class TokenPacker(Projector):
+class TokenPacker(MultiLayerProjector):
     """(B, g*g, C) x k layers -> (B, ceil(g/2)^2, D).
 
     Queries: bilinear downsample of hidden_states[-2]; keys/values: the concat of `layers` (default L/2, 2L/3, L-2,
@@ -35,15 +35,10 @@ class TokenPacker(Projector):
     def __init__(
         self, vision: VisionGeometry, llm_width: int, *, layers: Sequence[int] | None = None, num_heads: int = 8
     ):
-        super().__init__(vision, llm_width)
-        self.layers = tuple(layers) if layers is not None else multi_level_layers(vision.num_layers)
-        if not self.layers or not all(0 <= i <= vision.num_layers for i in self.layers):
-            raise ValueError(f"tokenpacker layers {self.layers} must lie in 0..{vision.num_layers} (0 = embeddings)")
+        # The queries come from LLaVA's feature, hidden_states[-2].
+        super().__init__(vision, llm_width, name="tokenpacker", layers=layers, own_layer=vision.num_layers - 1)
         if vision.width % num_heads:
             raise ValueError(f"tokenpacker num_heads={num_heads} must divide the ViT width {vision.width}")
-        self.query_layer = vision.num_layers - 1
-        extra = () if self.query_layer in self.layers else (self.query_layer,)
-        self._feature_layers = self.layers + extra
 
         width = vision.width
         self.query_proj = nn.Linear(width, width, bias=False)
@@ -55,14 +50,6 @@ class TokenPacker(Projector):
         self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
         self.mlp = mlp2x_gelu(width, llm_width)
         self.reset_parameters()
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        return self._feature_layers
-
-    @property
-    def num_tokens(self) -> int:
-        return half_grid(self.vision.grid) ** 2
 
     def reset_parameters(self) -> None:
         init_weights(self)
@@ -81,7 +68,7 @@ class TokenPacker(Projector):
         grid, out_grid = self.vision.grid, half_grid(self.vision.grid)
         batch, width = features[0].shape[0], self.vision.width
 
-        query_source = to_grid(features[self._feature_layers.index(self.query_layer)], grid)
+        query_source = to_grid(self.own_feature(features), grid)
         query = from_grid(F.interpolate(query_source, size=(out_grid, out_grid), mode="bilinear"))
         query = self.query_norm(self.query_proj(query)).reshape(batch * out_grid * out_grid, 1, width)
 
