@@ -1,4 +1,4 @@
-"""Pretraining of the built-in world's encoders (tiny CLIP, tiny Llama), their cache, and the frozen-ViT feature cache."""
+"""Pretraining the built-in world's encoders (tiny CLIP, tiny Llama), their cache, and the frozen-ViT feature cache."""
 
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ def scene(rng: random.Random, side: int = 40) -> tuple[Image.Image, str]:
     return image, ", ".join(parts)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a busy machine waiting threads spin (10x slower, measured).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
     """A folder of 24 PNG scenes: (folder, relative image paths, captions)."""
@@ -92,13 +101,16 @@ def clip_folder(tmp_path_factory, world, tokenizer) -> tuple[Path, dict]:
     return out, result.metrics
 
 
-LLM_OPTIONS = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, block_size=32, steps=30, batch_size=4, lr=1e-2)
+LLM_OPTIONS = dict(
+    hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, block_size=32, steps=30, batch_size=4, lr=1e-2
+)
 
 
 def llm_texts() -> list[str]:
     rng = random.Random(1)
     return [
-        f"{VICUNA_SYSTEM} USER: <image>\nWhat color is the {rng.choice(SHAPES)}? ASSISTANT: {rng.choice(list(COLORS))}</s>"
+        f"{VICUNA_SYSTEM} USER: <image>\nWhat color is the {rng.choice(SHAPES)}? "
+        f"ASSISTANT: {rng.choice(list(COLORS))}</s>"
         for _ in range(40)
     ]
 
@@ -135,7 +147,8 @@ def test_pretrained_encoders_build_a_working_model(clip_folder, tokenizer, tmp_p
     llm = pretrain_llm(llm_texts(), tokenizer, tmp_path / "llm", **LLM_OPTIONS).path
     model, processor = build_model(str(clip_folder[0]), str(llm), str(llm), "mlp2x_gelu")
     assert model.language_model.get_input_embeddings().num_embeddings == len(tokenizer)  # <image> already there
-    batch = processor(images=[Image.new("RGB", (50, 30), (200, 20, 20))], text=["USER: <image>\nWhat color? ASSISTANT:"])
+    image = Image.new("RGB", (50, 30), (200, 20, 20))
+    batch = processor(images=[image], text=["USER: <image>\nWhat color? ASSISTANT:"])
     logits = model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()
@@ -162,7 +175,8 @@ class FixedEmbeddings(torch.nn.Module):
         return self.image_vectors[pixel_values[:, 0, 0, 0].long()]
 
     def get_text_features(self, input_ids, attention_mask):
-        return torch.stack([self.text_vectors[tuple(ids[m.bool()].tolist())] for ids, m in zip(input_ids, attention_mask)])
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        return torch.stack([self.text_vectors[row] for row in rows])
 
 
 def test_retrieval_counts_identical_captions_as_hits(tokenizer):
@@ -297,7 +311,9 @@ def test_feature_cache_equals_direct_computation(world, tower_and_transform, tmp
     folder, paths, _ = world
     tower, transform = tower_and_transform
     out = tmp_path / "features.safetensors"
-    cache = cache_vision_features(tower, paths, transform, (2, -2, 1), out, batch_size=5, image_root=folder, dtype="float32")
+    cache = cache_vision_features(
+        tower, paths, transform, (2, -2, 1), out, batch_size=5, image_root=folder, dtype="float32"
+    )
     assert cache.layers == (1, 2) and len(cache) == 24
     assert cache.tensors[2].shape == (24, 16, 32) and cache.tensors[2].dtype == torch.float32
     wanted = [paths[7], paths[0], paths[23]]

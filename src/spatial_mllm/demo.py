@@ -57,23 +57,25 @@ def _projector_options(vision_width: int) -> dict[str, dict[str, Any]]:
     return {"llava_sp_pooling": half, "llava_sp_cropping": half, "llava_sp_pooling_nodfi": half}
 
 
+# A 96x96 canvas with the ViT's 12-pixel patches: an 8x8 grid (64 patch tokens), on which every projector works.
+DEMO_CLIP = dataclasses.replace(CLIP_DEFAULT, patch_size=12, steps=300)
 DEFAULT = DemoPlan(
     world={"n_train": 2000, "n_val": 100, "n_test": 150, "n_holdout": 100},
-    clip=dataclasses.replace(CLIP_DEFAULT, steps=300),
+    clip=DEMO_CLIP,
     llm=dataclasses.replace(LLM_DEFAULT, steps=150),
-    stage1=StagePlan(steps=60, global_batch_size=32, micro_batch_size=32, lr=2e-3),
-    stage2=StagePlan(steps=120, global_batch_size=32, micro_batch_size=16, lr=1e-3, projector_lr=2e-4),
+    stage1=StagePlan(steps=100, global_batch_size=32, micro_batch_size=32, lr=2e-3),
+    stage2=StagePlan(steps=150, global_batch_size=32, micro_batch_size=32, lr=1e-3, projector_lr=1e-3),
     lora_r=32,
     eval_images=150,
     latency_samples=32,
-    projector_options=_projector_options(CLIP_DEFAULT.vision_width),
+    projector_options=_projector_options(DEMO_CLIP.vision_width),
 )
 QUICK = DemoPlan(
     world={"n_train": 300, "n_val": 20, "n_test": 30, "n_holdout": 20},
-    clip=CLIP_QUICK,
+    clip=dataclasses.replace(CLIP_QUICK, patch_size=12),
     llm=LLM_QUICK,
-    stage1=StagePlan(steps=8, global_batch_size=16, micro_batch_size=16, lr=2e-3),
-    stage2=StagePlan(steps=12, global_batch_size=16, micro_batch_size=16, lr=1e-3, projector_lr=2e-4),
+    stage1=StagePlan(steps=10, global_batch_size=16, micro_batch_size=16, lr=2e-3),
+    stage2=StagePlan(steps=12, global_batch_size=16, micro_batch_size=16, lr=1e-3, projector_lr=1e-3),
     lora_r=16,
     eval_images=20,
     latency_samples=8,

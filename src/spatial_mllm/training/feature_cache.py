@@ -167,7 +167,8 @@ def _probe_images() -> list[Image.Image]:
     probes = []
     for width, height in ((53, 37), (29, 61)):
         image = Image.new("RGB", (width, height))
-        image.putdata([((7 * x) % 256, (11 * y) % 256, (5 * (x + y)) % 256) for y in range(height) for x in range(width)])
+        pixels = [((7 * x) % 256, (11 * y) % 256, (5 * (x + y)) % 256) for y in range(height) for x in range(width)]
+        image.putdata(pixels)
         probes.append(image)
     return probes
 
@@ -194,7 +195,9 @@ def vision_features_fingerprint(
 ) -> str:
     """What decides the cached numbers: tower config and weights, preprocessing, layers, dtype, images and order."""
     num_states = vision_tower.geometry.num_layers + 1
-    config = {k: v for k, v in vision_tower.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    config = {
+        k: v for k, v in vision_tower.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+    }
     root = Path(image_root) if image_root is not None else Path()
     return digest(
         FEATURES_FORMAT,
@@ -354,8 +357,9 @@ def cache_vision_features(
         except StaleFeatureCacheError:
             pass  # rebuilt below
 
+    paths = [root / p for p in image_paths]
     tensors = _compute_features(
-        vision_tower, [root / p for p in image_paths], image_transform, layers, batch_size, STORAGE_DTYPES[dtype], progress
+        vision_tower, paths, image_transform, layers, batch_size, STORAGE_DTYPES[dtype], progress
     )
     _write_atomically(
         out_file,

@@ -73,11 +73,11 @@ class ClipPretrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-# The demo's two settings. On 3000 world images: default about 95% held-out top-1 retrieval among 200 captions,
-# quick about 30% (chance 0.5%).
+# The demo's two settings. Measured on one CPU thread: default on 2000 world images, 210 s, held-out image->text
+# top-1 93% among 200 captions (chance 0.5%); quick on 300 images, 20 s, 63% among 60 (chance 1.7%).
 CLIP_DEFAULT = ClipPretrainConfig()
 CLIP_QUICK = ClipPretrainConfig(
-    vision_width=64, vision_layers=3, steps=200, batch_size=32, lr=3e-3, warmup_steps=10, held_out=100
+    vision_width=64, vision_layers=3, steps=150, batch_size=32, lr=3e-3, warmup_steps=10, held_out=100
 )
 
 
@@ -299,9 +299,8 @@ def pretrain_clip_cached(
     The key covers the config, the images (bytes), captions, tokenizer and this module's code, not the device.
     """
     config = dataclasses.replace(config or CLIP_DEFAULT, **options)
-    key = digest(
-        dataclasses.asdict(config), images_digest(images), list(captions), tokenizer_digest(tokenizer), code_version(__file__)
-    )
+    data = (images_digest(images), list(captions), tokenizer_digest(tokenizer))
+    key = digest(dataclasses.asdict(config), *data, code_version(__file__))
     result = cached_pretraining(
         cache_dir, "clip", key, lambda tmp: pretrain_clip(images, captions, tokenizer, tmp, config, log, device)
     )
