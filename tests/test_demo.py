@@ -37,6 +37,7 @@ def test_report_compares_every_projector(demo_run):
     for name, run in runs.items():
         assert run["visual_tokens"] == EXPECTED_TOKENS[name]
         assert run["projector_parameters"] > 0 and run["latency_ms_per_sample"] > 0
+        assert run["final_loss_stage2"] == losses(demo_run / name / "stage2")[-1]
         for split in ("test", "holdout"):
             assert 0.0 <= run[split]["overall"] <= 1.0
             assert {"left_right", "above_below", "location", "closer", "count", "existence"} <= set(run[split]["categories"])
@@ -64,6 +65,8 @@ def test_answers_files_follow_llava_format(demo_run):
         answers = [json.loads(line) for line in (demo_run / name / "eval" / "test_answers.jsonl").read_text().splitlines()]
         assert len(answers) == len(questions) > 0
         assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(answers[0])
+        scores = json.loads((demo_run / name / "eval" / "test_answers.scores.json").read_text())
+        assert scores["answered"] == len(questions) and scores["visual_tokens"] == EXPECTED_TOKENS[name]
 
 
 def test_final_folder_loads_and_generates(demo_run):

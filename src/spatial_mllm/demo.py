@@ -66,9 +66,9 @@ DEFAULT = DemoPlan(
     stage1=StagePlan(steps=100, global_batch_size=32, micro_batch_size=32, lr=2e-3),
     # Full fine-tuning (the recipe's alternative to LoRA): measured, LoRA on a 1.3M-parameter LLM learns to read
     # the image too slowly for the 15-minute budget, as does a stage 2 without the detailed captions.
-    stage2=StagePlan(steps=150, global_batch_size=32, micro_batch_size=32, lr=2e-3, projector_lr=2e-3),
+    stage2=StagePlan(steps=120, global_batch_size=32, micro_batch_size=32, lr=2e-3, projector_lr=2e-3),
     lora_r=None,
-    eval_images=150,
+    eval_images=100,
     latency_samples=32,
     projector_options=_projector_options(DEMO_CLIP.vision_width),
 )
@@ -341,14 +341,18 @@ def run_projector(name: str, out: Path, world: Path, instruct_data: Path, clip: 
     return result
 
 
-def last_loss(stage_dir: Path) -> float | None:
-    lines = (stage_dir / "train_metrics.jsonl").read_text().splitlines() if (stage_dir / "train_metrics.jsonl").is_file() else []
-    return json.loads(lines[-1])["loss"] if lines else None
+def last_loss(stage_dir: Path) -> float:
+    from .training.metrics import METRICS_FILE
+
+    return json.loads((stage_dir / METRICS_FILE).read_text().splitlines()[-1])["loss"]
 
 
 def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS) -> Path:
+    from transformers.utils import logging as transformers_logging
+
     from .evaluation.report import write_report
 
+    transformers_logging.disable_progress_bar()  # one bar per weight load would bury the demo's own progress
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -384,7 +388,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projectors", nargs="+", default=list(DEMO_PROJECTORS),
                         help=f"registered projector names (default: {' '.join(DEMO_PROJECTORS)})")
-    parser.set_defaults(func=lambda args: run_demo(Path(args.out), QUICK if args.quick else DEFAULT, args.seed, tuple(args.projectors)) and 0)
+    parser.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run_demo(Path(args.out), QUICK if args.quick else DEFAULT, args.seed, tuple(args.projectors))
+    return 0
 
 
 __all__ = ["DEFAULT", "DEMO_PROJECTORS", "DemoPlan", "QUICK", "run_demo"]
