@@ -10,12 +10,19 @@ from PIL import Image
 
 from spatial_mllm.cli import main
 from spatial_mllm.data.templates import ConversationEncoder, Message
-from spatial_mllm.demo import DEMO_PROJECTORS
+from spatial_mllm.demo import DEMO_PROJECTORS, QUICK
 from spatial_mllm.evaluation.loading import load_for_inference
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_TOKENS = {"mlp2x_gelu": 144, "llava_sp_pooling": 150, "llava_sp_cropping": 150, "saep": 36}  # 12x12 grid
+# Token counts from the quick ViT's grid: one per patch (MLP), six spatial tokens more (LLaVA-SP), a quarter (SAEP).
+GRID = QUICK.clip.image_size // QUICK.clip.patch_size
+EXPECTED_TOKENS = {
+    "mlp2x_gelu": GRID * GRID,
+    "llava_sp_pooling": GRID * GRID + 6,
+    "llava_sp_cropping": GRID * GRID + 6,
+    "saep": (GRID // 2) ** 2,
+}
 
 
 @pytest.fixture(scope="module")
