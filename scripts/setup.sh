@@ -10,4 +10,7 @@ if [ -f .venv/.setup-stamp ] && [ "$(cat .venv/.setup-stamp)" = "$stamp_key" ]; 
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# lmms-eval's model API, for the plugin test against the real thing; --no-deps because its dependencies pull
+# torchvision and with it a CUDA build of torch.
+.venv/bin/python -m pip install -q --no-deps "lmms-eval==0.7.3" pytz loguru
 echo "$stamp_key" > .venv/.setup-stamp
