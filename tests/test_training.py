@@ -334,6 +334,14 @@ def test_missing_deepspeed_is_a_clear_error(base_dir, tmp_path, monkeypatch):
         train(tiny_config(base_dir, tmp_path / "ds"), TinySamples(base_dir))
 
 
+def test_fsdp_without_a_gpu_is_a_clear_error(base_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="asks for FSDP, which accelerate runs on GPUs .* launch_ddp.yaml"):
+        train(tiny_config(base_dir, tmp_path / "fsdp"), TinySamples(base_dir))
+    assert not (tmp_path / "fsdp").exists()  # refused before anything was written
+
+
 def test_builds_the_model_from_its_parts(tmp_path):
     """Without stage.init_from the model is built from model.vision / llm / tokenizer folders (or hub names)."""
     model, processor = tiny_model("saep")

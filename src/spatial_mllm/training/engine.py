@@ -72,13 +72,21 @@ class ImageTransform:
 # --- setting up ------------------------------------------------------------------------------------------------------
 
 
+def _env_flag(name: str) -> bool:
+    """An accelerate launch setting passed through the environment (`accelerate launch` sets them)."""
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") and (
-        importlib.util.find_spec("deepspeed") is None
-    ):
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "the launch config asks for DeepSpeed but the deepspeed package is not installed: `pip install deepspeed` "
             "(needs CUDA), or launch with launch_ddp.yaml / launch_fsdp.yaml instead"
+        )
+    if _env_flag("ACCELERATE_USE_FSDP") and not torch.accelerator.is_available():
+        raise ValueError(
+            "the launch config asks for FSDP, which accelerate runs on GPUs (or other accelerators) only and this "
+            "machine has none; on CPU launch several processes with launch_ddp.yaml instead"
         )
     # accelerate keeps its settings in process-wide singletons; one process may run several stages (align, then
     # instruct) with different settings, so start each from a clean slate (the process group itself is kept).
