@@ -45,6 +45,10 @@ def test_report_compares_every_projector(demo_run):
         assert run["visual_tokens"] == EXPECTED_TOKENS[name]
         assert run["projector_parameters"] > 0 and run["latency_ms_per_sample"] > 0
         assert run["final_loss_stage2"] == losses(demo_run / name / "stage2")[-1]
+        # held-out stage-2 data: the val conversations and descriptions of the quick world (20 + 20 with images)
+        reliance = run["image_reliance"]
+        assert reliance["samples"] == 2 * QUICK.world["n_val"] and reliance["supervised_tokens"] > reliance["samples"]
+        assert reliance["gap"] == pytest.approx(reliance["loss_other_images"] - reliance["loss_own_images"])
         for split in ("test", "holdout"):
             assert 0.0 <= run[split]["overall"] <= 1.0
             assert {"left_right", "above_below", "location", "closer", "count", "existence"} <= set(run[split]["categories"])
@@ -52,6 +56,7 @@ def test_report_compares_every_projector(demo_run):
     assert runs["llava_sp_pooling"]["projector_parameters"] > runs["mlp2x_gelu"]["projector_parameters"]
     table = (report / "report.md").read_text()
     assert all(f"| {name} |" in table for name in DEMO_PROJECTORS)
+    assert "| Image gain (nats/token) |" in table
     for png in ("accuracy_by_category.png", "accuracy_vs_visual_tokens.png"):
         with Image.open(report / png) as image:
             assert image.size[0] > 100 and image.size[1] > 100

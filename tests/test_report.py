@@ -95,6 +95,20 @@ def test_report_from_score_answers_output(tmp_path):
     assert "| tiny | mlp2x_gelu | 16 | — | — | — | 50.0 | 0.0 | 100.0 |" in markdown
 
 
+def test_image_gain_column_appears_when_a_run_measured_it(tmp_path):
+    reliance = {"loss_own_images": 0.6724, "loss_other_images": 0.7327, "gap": 0.0603, "gap_standard_error": 0.0052}
+    runs = [{**RESULTS[0], "image_reliance": reliance}, RESULTS[2]]
+    lines = markdown_table(read_runs(runs)).splitlines()
+    assert lines[0].startswith("| Run | Projector | Visual tokens | Projector params | Latency (ms/sample) | Tokens/s"
+                               " | Image gain (nats/token) | Overall |")  # fmt: skip
+    assert lines[2] == "| llava-1.5-mlp | mlp2x_gelu | 576 | 21,012,480 | 123.5 | — | 0.060 ± 0.005 | 62.5 | 50.0 | 75.0 | — |"
+    assert lines[3] == "| saep | saep | 144 | — | — | — | — | 60.0 | 30.0 | 90.0 | 60.0 |"
+    paths = write_report(runs, tmp_path)
+    assert "0 means the model ignores the image" in paths["markdown"].read_text(encoding="utf-8")
+    saved = json.loads(paths["json"].read_text(encoding="utf-8"))["runs"]
+    assert (saved[0]["image_gain"], saved[0]["image_gain_se"], saved[1]["image_gain"]) == (0.0603, 0.0052, None)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -105,6 +119,8 @@ def test_report_from_score_answers_output(tmp_path):
         ({"visual_tokens": None}, r"result 0: missing field 'visual_tokens'"),
         ({"latency_ms_per_sample": -1}, r"result 0: field 'latency_ms_per_sample' must be a positive number"),
         ({"name": "llava-sp"}, r"result 1: name 'llava-sp' is used by an earlier result"),
+        ({"image_reliance": {"gap": 0.1}}, r"result 0: field 'image_reliance' needs numbers 'gap' and 'gap_standard_e"),
+        ({"image_reliance": 0.1}, r"result 0: field 'image_reliance' must be an object"),
     ],
 )
 def test_bad_results_are_named(tmp_path, change, message):

@@ -195,13 +195,13 @@ def cache_features(out: Path, world: Path, clip: Path, layers: tuple[int, ...]):
                                  image_root=world, dtype="float32")
 
 
-def instruct_mix(world: Path, out: Path) -> Path:
+def instruct_mix(world: Path, out: Path, split: str = "train") -> Path:
     """Stage-2 data as LLaVA-665K mixes it: the conversations plus the detailed descriptions (as LLaVA's
     detail_23k), which carry most of what ties the image to the words."""
     records = []
-    for name in ("llava_stage2_train.json", "llava_stage1_train.json"):
+    for name in (f"llava_stage2_{split}.json", f"llava_stage1_{split}.json"):
         records += json.loads((world / name).read_text())
-    mix = out / "data" / "llava_stage2_mix.json"
+    mix = out / "data" / ("llava_stage2_mix.json" if split == "train" else f"llava_stage2_mix_{split}.json")
     mix.parent.mkdir(parents=True, exist_ok=True)
     tmp = mix.with_suffix(".tmp")
     tmp.write_text(json.dumps(records))
@@ -311,8 +311,24 @@ def measure_latency(model_dir: Path, world: Path, plan: DemoPlan) -> dict[str, f
     return {"latency_ms_per_sample": 1000 * times[len(times) // 2]}
 
 
-def run_projector(name: str, out: Path, world: Path, instruct_data: Path, clip: Path, llm: Path, tokenizer_dir: Path,
-                  features, plan: DemoPlan, seed: int) -> dict[str, Any]:
+def measure_image_reliance(model_dir: Path, val_data: Path, world: Path, features) -> dict[str, float | int]:
+    """Held-out stage-2 loss with each sample's own image vs another's (see evaluation.image_reliance)."""
+    from .data.dataset import LlavaDataset
+    from .evaluation.image_reliance import image_reliance
+    from .evaluation.loading import load_for_inference
+    from .evaluation.runner import run_info
+    from .training.engine import make_collator
+    from .training.feature_dataset import CachedFeatureDataset
+
+    model, processor = load_for_inference(model_dir)
+    template = run_info(model_dir).get("template", "vicuna_v1")
+    base = LlavaDataset(val_data, world, processor.tokenizer, template, processor.num_image_tokens)
+    dataset = CachedFeatureDataset(base, features, model.vision_feature_layers)
+    return image_reliance(model, dataset, make_collator(processor)).to_dict()
+
+
+def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip: Path, llm: Path,
+                  tokenizer_dir: Path, features, plan: DemoPlan, seed: int) -> dict[str, Any]:
     from .evaluation.loading import load_for_inference
 
     folder = out / name
@@ -321,7 +337,7 @@ def run_projector(name: str, out: Path, world: Path, instruct_data: Path, clip: 
                     "model.projector_options": options}
     stage1 = train_stage(stage_config("align", plan, folder / "stage1", world / "llava_stage1_train.json", world, seed,
                                       **model_fields), features)
-    stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", instruct_data, world, seed,
+    stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", data["train"], world, seed,
                                       **{"stage.init_from": stage1, "model.projector": None}), features)
     model, _ = load_for_inference(stage2)
     result: dict[str, Any] = {
@@ -333,6 +349,7 @@ def run_projector(name: str, out: Path, world: Path, instruct_data: Path, clip: 
         "final_loss_stage2": last_loss(stage2),
     }
     del model
+    result["image_reliance"] = measure_image_reliance(stage2, data["val"], world, features)
     for split in ("test", "holdout"):
         scores = evaluate(stage2, world, split, plan, name, folder / "eval")
         result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered")}
@@ -357,7 +374,7 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
     started = time.perf_counter()
     torch.manual_seed(seed)
     world = make_world_once(out, plan, seed)
-    instruct_data = instruct_mix(world, out)
+    instruct_data = {split: instruct_mix(world, out, split) for split in ("train", "val")}
     tokenizer = tokenizer_once(out, world)
     tokenizer_dir = out / "cache" / "tokenizer"
     clip, llm, pretrain_metrics = pretrain_encoders(out, world, tokenizer, plan)

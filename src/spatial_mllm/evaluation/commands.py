@@ -1,4 +1,5 @@
-"""`spatial-mllm eval` (answer a question file, then score it) and `spatial-mllm report` (compare scored runs).
+"""`spatial-mllm eval` (answer a question file, then score it), `spatial-mllm report` (compare scored runs) and
+`spatial-mllm image-reliance` (does the model read the image at all?).
 
 `eval` writes the answers JSONL at --out and, beside it, a scores JSON (OUT with suffix .scores.json) holding the
 run's facts (name, projector, visual tokens, projector parameters, latency, tokens/s) with the scores, so that
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ SCORES_SUFFIX = ".scores.json"
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_eval(subparsers)
     _register_report(subparsers)
+    _register_image_reliance(subparsers)
 
 
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +75,60 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_report)
 
 
+def _register_image_reliance(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "image-reliance",
+        help="loss with each sample's own image vs another sample's: does the model read the image?",
+        description=(
+            "Score the supervised tokens of a LLaVA JSON file (e.g. a held-out part of the training data) twice: with "
+            "each sample's own image, and with the image of the next image-bearing sample. Prints both losses per "
+            "token and their gap with its standard error; a model that ignores the image has a gap of 0. Broken "
+            "records are reported and skipped, unless --strict."
+        ),
+    )
+    parser.add_argument("--model", required=True, type=Path, help="trained model folder (config.json, weights)")
+    parser.add_argument("--data", required=True, type=Path, help="LLaVA JSON: id, image, conversations")
+    parser.add_argument("--images", required=True, type=Path, help="folder the records' image paths are relative to")
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES.names(),
+        help="conversation template (default: the one the model was trained with, else vicuna_v1)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (default 16)")
+    parser.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens (default 2048)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first broken record")
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    parser.set_defaults(func=_image_reliance)
+
+
 # --- eval ---------------------------------------------------------------------------------------------------------
+
+
+def _image_reliance(args: argparse.Namespace) -> int:
+    from ..data.dataset import LlavaDataset
+    from ..training.engine import ImageTransform, make_collator
+    from .image_reliance import image_reliance
+    from .runner import run_info
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    model, processor = load_for_inference(args.model)
+    template = args.template or run_info(args.model).get("template", "vicuna_v1")
+    dataset = LlavaDataset(args.data, args.images, processor.tokenizer, template, processor.num_image_tokens,
+                           ImageTransform(processor), args.max_length, "drop", args.strict)  # fmt: skip
+    result = image_reliance(model, dataset, make_collator(processor), args.batch_size)
+    if dataset.problems:
+        print(dataset.report(), file=sys.stderr)
+    print(
+        f"{result.samples} samples with images, {result.supervised_tokens} supervised tokens, template {template}\n"
+        f"loss per token with their own images {result.loss_own_images:.4f}, with other images "
+        f"{result.loss_other_images:.4f}; gap {result.gap:.4f} ± {result.gap_standard_error:.4f}"
+    )
+    if args.out is not None:
+        facts = {"model": str(args.model), "data": str(args.data), "template": template, "skipped": len(dataset.problems)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(facts | result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def scores_path(answers_file: Path) -> Path:

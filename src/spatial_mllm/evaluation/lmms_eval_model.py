@@ -318,7 +318,8 @@ def _lmms_eval_class() -> type:
         from lmms_eval.api.model import lmms
     except ImportError as err:
         raise ImportError(
-            "SpatialMLLMLmmsEval needs lmms-eval (pip install 'spatial-mllm[lmms-eval]'); "
+            "SpatialMLLMLmmsEval needs lmms-eval: pip install lmms-eval (on a CPU-only machine "
+            "pip install --no-deps lmms-eval pytz loguru, since its dependencies pull a CUDA build of torch); "
             "SpatialMLLMLmms works without it"
         ) from err
 

@@ -2,7 +2,8 @@
 
 Each run is one dict (e.g. `score_answers(...)` merged with the run's facts):
   name (str, unique), projector (str), visual_tokens (int), overall (accuracy), categories ({name: accuracy}),
-  optional projector_parameters (int), latency_ms_per_sample (float), tokens_per_second (float).
+  optional projector_parameters (int), latency_ms_per_sample (float), tokens_per_second (float), image_reliance
+  (`ImageReliance.to_dict()`: the loss gap between own and other images, shown with its standard error).
 Accuracies are fractions in [0, 1]; the table and the plots show percentages. Other keys are ignored.
 """
 
@@ -34,6 +35,8 @@ class RunSummary:
     projector_parameters: int | None = None
     latency_ms_per_sample: float | None = None
     tokens_per_second: float | None = None
+    image_gain: float | None = None  # nats per supervised token the model gains from its own image (image_reliance)
+    image_gain_se: float | None = None
 
 
 def read_run(result: Mapping[str, Any], where: str) -> RunSummary:
@@ -56,7 +59,22 @@ def read_run(result: Mapping[str, Any], where: str) -> RunSummary:
         ),
         latency_ms_per_sample=_optional_positive(result, "latency_ms_per_sample", where),
         tokens_per_second=_optional_positive(result, "tokens_per_second", where),
+        **_image_gain(result, where),
     )
+
+
+def _image_gain(result: Mapping[str, Any], where: str) -> dict[str, float]:
+    reliance = result.get("image_reliance")
+    if reliance is None:
+        return {}
+    if not isinstance(reliance, Mapping):
+        raise ValueError(f"{where}: field 'image_reliance' must be an object (ImageReliance.to_dict()), got {reliance!r}")
+    gain, error = reliance.get("gap"), reliance.get("gap_standard_error")
+    if not _is_number(gain) or not _is_number(error) or error < 0:
+        raise ValueError(
+            f"{where}: field 'image_reliance' needs numbers 'gap' and 'gap_standard_error' >= 0, got {gain!r}, {error!r}"
+        )
+    return {"image_gain": float(gain), "image_gain_se": float(error)}
 
 
 def _is_number(value: Any) -> bool:
@@ -117,8 +135,9 @@ def _optional(value: float | int | None, spec: str) -> str:
 def markdown_table(runs: list[RunSummary]) -> str:
     """One row per run: its facts, overall accuracy and accuracy per category (in %)."""
     categories = category_names(runs)
-    header = ["Run", "Projector", "Visual tokens", "Projector params", "Latency (ms/sample)", "Tokens/s", "Overall"]
-    header += categories
+    with_gain = any(run.image_gain is not None for run in runs)
+    header = ["Run", "Projector", "Visual tokens", "Projector params", "Latency (ms/sample)", "Tokens/s"]
+    header += ["Image gain (nats/token)"] * with_gain + ["Overall"] + categories
     align = ["---", "---"] + ["---:"] * (len(header) - 2)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for run in runs:
@@ -129,11 +148,22 @@ def markdown_table(runs: list[RunSummary]) -> str:
             _optional(run.projector_parameters, ","),
             _optional(run.latency_ms_per_sample, ".1f"),
             _optional(run.tokens_per_second, ".1f"),
-            _percent(run.overall),
         ]
+        if with_gain:
+            cells.append(MISSING if run.image_gain is None else f"{run.image_gain:.3f} ± {run.image_gain_se:.3f}")
+        cells.append(_percent(run.overall))
         cells += [_percent(run.categories.get(category)) for category in categories]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _gain_note(runs: list[RunSummary]) -> str:
+    if all(run.image_gain is None for run in runs):
+        return ""
+    return (
+        " Image gain: how much lower the loss per supervised token is with each sample's own image than with another"
+        " sample's (± standard error); 0 means the model ignores the image."
+    )
 
 
 def _best_overall(runs: list[RunSummary]) -> RunSummary:
@@ -200,7 +230,7 @@ def write_report(results: list[Mapping[str, Any]], out_dir: str | Path) -> dict[
     paths["markdown"].write_text(
         "# Projector comparison\n\n"
         f"{markdown_table(runs)}\n\n"
-        f"Accuracy in %. Best overall: {best.name} ({_percent(best.overall)}).\n\n"
+        f"Accuracy in %. Best overall: {best.name} ({_percent(best.overall)}).{_gain_note(runs)}\n\n"
         f"![accuracy per category]({paths['accuracy_by_category'].name})\n\n"
         f"![accuracy against visual tokens]({paths['accuracy_vs_visual_tokens'].name})\n",
         encoding="utf-8",
