@@ -225,7 +225,7 @@ def test_model_args_errors(model_dir):
         SpatialMLLMLmms(pretrained=str(model_dir), batch_size="auto")
     with pytest.raises(ValueError, match="dtype 'half_precision' is not a torch dtype"):
         SpatialMLLMLmms(pretrained=str(model_dir), dtype="half_precision")
-    with pytest.raises(FileNotFoundError, match="not a model folder"):
+    with pytest.raises(FileNotFoundError, match="missing: no such folder"):
         SpatialMLLMLmms(pretrained=str(model_dir / "missing"))
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 # one_thread is an autouse fixture: imported here, it runs for every test of this file.
 from fixtures.training import TinySamples, one_thread, save_base, small_options, tiny_config  # noqa: F401
 from spatial_mllm import cli
-from spatial_mllm.model import SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor
+from spatial_mllm.model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor
 from spatial_mllm.projectors import PROJECTORS
 from spatial_mllm.training.checkpoint import latest_checkpoint, list_checkpoints
 from spatial_mllm.training.config import TrainConfig, load_config, shipped_configs
@@ -265,8 +265,15 @@ def test_merge_gives_the_same_logits(stage_runs, tmp_path, capsys, cli_main):
         base_logits = SpatialMLLMForConditionalGeneration.from_pretrained(stage_runs["stage1"])(**inputs).logits
     assert (expected - base_logits).abs().max() > 1e-4  # the adapter matters...
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # ...and merging keeps its effect
+    # the run's facts (template, prompt conventions) travel with the merged model
+    assert (merged_dir / RUN_INFO_FILE).read_bytes() == (stage_runs["stage2"] / RUN_INFO_FILE).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder left behind
     assert cli_main(["merge", "--model", str(merged_dir), "--out", str(tmp_path / "again")]) == 2
     assert "holds no LoRA adapter" in capsys.readouterr().err
+    before = {p.name: p.stat().st_mtime_ns for p in merged_dir.iterdir()}
+    assert cli_main(["merge", "--model", str(stage_runs["stage2"]), "--out", str(merged_dir)]) == 2
+    assert f"merge --out {merged_dir} already exists and is not an empty folder" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in merged_dir.iterdir()} == before  # nothing overwritten
 
 
 def test_loss_falls_on_a_tiny_overfit_batch(base_dir, tmp_path):
@@ -334,6 +341,29 @@ def test_missing_deepspeed_is_a_clear_error(base_dir, tmp_path, monkeypatch):
         train(tiny_config(base_dir, tmp_path / "ds"), TinySamples(base_dir))
 
 
+def test_text_fields_take_yaml_words_as_typed():
+    # YAML 1.1 reads "no" as false; the shipped configs' own value for mixed_precision must work as an override.
+    config = load_config("world_stage2", ["optimisation.mixed_precision=no", "stage.init_from=/x"])
+    assert config.optimisation.mixed_precision == "no"
+    with pytest.raises(ValueError, match="'optimisation.max_steps' must be int or null, found False"):
+        load_config("world_stage2", ["optimisation.max_steps=no", "stage.init_from=/x"])
+
+
+def test_model_sources_and_data_files_are_checked_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="model.projector 'foo' is not registered; known: .*mlp2x_gelu"):
+        load_config("world_stage1", ["model.vision=org/vit", "model.llm=org/llm", "model.projector=foo"])
+    with pytest.raises(FileNotFoundError, match="model.llm /nope/llm: no such folder .*hub names look like org/name"):
+        load_config("world_stage1", ["model.vision=org/vit", "model.llm=/nope/llm", "model.projector=saep"])
+    # hub names are left to transformers (they download); only local paths are checked here
+    assert load_config("world_stage1", ["model.vision=org/vit", "model.llm=llm", "model.projector=saep"]).model.llm == "llm"
+    config = tiny_config(tmp_path / "no-model-needed", tmp_path / "out", "align", "data.train_json=null")
+    with pytest.raises(ValueError, match="data.train_json is required"):
+        train(config)
+    config = tiny_config(tmp_path, tmp_path / "out", "align", f"data.train_json={tmp_path / 'missing.json'}")
+    with pytest.raises(FileNotFoundError, match="data.train_json .*missing.json: no such file"):
+        train(config)  # refused before stage.init_from (not a model folder here) is even looked at
+
+
 def test_fsdp_without_a_gpu_is_a_clear_error(base_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -363,7 +393,7 @@ def test_builds_the_model_from_its_parts(tmp_path):
 
 
 def test_init_from_is_checked(stage_runs, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model there"):
+    with pytest.raises(FileNotFoundError, match=r"stage.init_from .*nothing: no such folder"):
         train(tiny_config(tmp_path / "nothing", tmp_path / "a"), TinySamples(stage_runs["base"]))
     with pytest.raises(ValueError, match="holds a LoRA adapter; fold it in first: spatial-mllm merge"):
         train(tiny_config(stage_runs["stage2"], tmp_path / "b", "instruct"), TinySamples(stage_runs["base"]))

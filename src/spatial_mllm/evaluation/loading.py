@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 
 from ..model import SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor
+from ..model.folder import check_model_folder
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
+    model_dir = check_model_folder(model_dir)
     model = SpatialMLLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     if device:
         model = model.to(device)

@@ -33,6 +33,24 @@ class ModelSection:
     projector_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"  # storage dtype of the frozen weights; trainable weights are always kept in float32
 
+    def check_sources(self) -> None:
+        """A registered projector, and local folders that exist, before minutes are spent loading the others."""
+        from ..projectors import PROJECTORS
+
+        if self.projector is not None and self.projector not in PROJECTORS.names():
+            raise ValueError(f"model.projector {self.projector!r} is not registered; known: {', '.join(PROJECTORS.names())}")
+        for name in ("vision", "llm", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and _is_local_path(value) and not Path(value).expanduser().exists():
+                raise FileNotFoundError(
+                    f"model.{name} {value}: no such folder (a local path; hub names look like org/name)"
+                )
+
+
+def _is_local_path(value: str) -> bool:
+    """Hub names are `name` or `org/name`; anything else (absolute, relative with ./, deeper) is a local path."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value or Path(value).exists()
+
 
 @dataclass
 class DataSection:
@@ -145,6 +163,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.model.check_sources()
         if self.optimisation.global_batch_size % self.optimisation.micro_batch_size:
             raise ValueError(
                 f"optimisation.global_batch_size {self.optimisation.global_batch_size} is not a multiple of "
@@ -248,7 +267,19 @@ def apply_override(config: TrainConfig, override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    setattr(target, key, coerce(value, hint, dotted, source))
+    try:
+        converted = coerce(value, hint, dotted, source)
+    except ValueError:
+        # YAML 1.1 reads no/off/yes/on as booleans: a field that takes text gets the text as typed.
+        if isinstance(value, str) or not _fits(text.strip(), str)[0] or not _takes_text(hint):
+            raise
+        converted = coerce(text.strip(), hint, dotted, source)
+    setattr(target, key, converted)
+
+
+def _takes_text(hint: Any) -> bool:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return any(_fits("text", option)[0] for option in options)
 
 
 def coerce(value: Any, hint: Any, name: str, source: str) -> Any:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor, build_model
+from ..model.folder import check_model_folder
 from .batches import MicroBatchSampler, VisionFeatureCollator
 from .checkpoint import (
     write_json,
@@ -117,11 +118,7 @@ def load_model(config: TrainConfig) -> tuple[SpatialMLLMForConditionalGeneration
     if config.stage.init_from is None:
         m = config.model
         return build_model(m.vision, m.llm, m.tokenizer or m.llm, m.projector, m.projector_options, dtype=dtype)
-    folder = Path(config.stage.init_from)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"stage.init_from {folder}: no model there (config.json missing); name the output_dir of a finished run"
-        )
+    folder = check_model_folder(config.stage.init_from, "stage.init_from")
     if (folder / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"stage.init_from {folder} holds a LoRA adapter; fold it in first: spatial-mllm merge --model {folder} --out DIR"
@@ -140,11 +137,19 @@ def load_model(config: TrainConfig) -> tuple[SpatialMLLMForConditionalGeneration
     return model, processor
 
 
+def check_data_files(config: TrainConfig) -> None:
+    data = config.data
+    if not data.train_json:
+        raise ValueError("data.train_json is required: the LLaVA JSON file to train on (or pass a dataset to train())")
+    if not Path(data.train_json).is_file():
+        raise FileNotFoundError(f"data.train_json {data.train_json}: no such file")
+    if data.image_folder and not Path(data.image_folder).is_dir():
+        raise FileNotFoundError(f"data.image_folder {data.image_folder}: no such folder")
+
+
 def build_dataset(config: TrainConfig, model: SpatialMLLMForConditionalGeneration, processor: SpatialMLLMProcessor) -> Dataset:
     from ..data.dataset import LlavaDataset
 
-    if not config.data.train_json:
-        raise ValueError("data.train_json is required (or pass a dataset to train())")
     return LlavaDataset(
         config.data.train_json,
         config.data.image_folder,
@@ -238,6 +243,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
     config.validate()
     opt = config.optimisation
     output_dir = Path(config.output_dir)
+    if dataset is None:  # checked before minutes go into loading the models
+        check_data_files(config)
     accelerator = make_accelerator(config)
     resume_from = checkpoint_to_resume(config)
 

@@ -124,22 +124,33 @@ def attach_adapter(model: nn.Module, model_dir: Path) -> None:
 
 
 def merge_lora_folder(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Loads a LoRA output folder, merges the adapter into the LLM and writes a plain model folder (with processor)."""
-    from ..model import SpatialMLLMProcessor
+    """Loads a LoRA output folder, merges the adapter into the LLM and writes a plain model folder (with processor
+    and the run's facts, such as its template). The new folder appears whole or not at all."""
+    import shutil
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json)")
+    from ..model import RUN_INFO_FILE, SpatialMLLMProcessor
+    from ..model.folder import check_model_folder
+
+    model_dir, out_dir = check_model_folder(model_dir), Path(out_dir)
     if not (model_dir / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{model_dir} holds no LoRA adapter ({ADAPTER_CONFIG}); it is already a plain model")
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError("merge --out must be a different folder from --model")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"merge --out {out_dir} already exists and is not an empty folder; name a new one")
     model = load_without_adapter(model_dir)
     attach_adapter(model, model_dir)
     merge_lora(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    SpatialMLLMProcessor.from_pretrained(model_dir).save_pretrained(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as staging:
+        staged = Path(staging) / "model"
+        model.save_pretrained(staged)
+        SpatialMLLMProcessor.from_pretrained(model_dir).save_pretrained(staged)
+        if (model_dir / RUN_INFO_FILE).is_file():
+            shutil.copy2(model_dir / RUN_INFO_FILE, staged / RUN_INFO_FILE)
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty, checked above
+        staged.rename(out_dir)
     return out_dir
 
 

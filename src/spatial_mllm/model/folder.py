@@ -1,0 +1,65 @@
+"""Checks a saved model folder before transformers loads it, so that a missing or broken file is reported by its
+name instead of as a traceback from inside the loader (or one naming a temporary folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .configuration import SpatialMLLMConfig
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def check_model_folder(folder: str | os.PathLike, what: str = "model folder") -> Path:
+    """The folder, if it holds a spatial-mllm config and readable safetensors weights; else a clear error.
+
+    `what` names the folder's role in the messages (e.g. "stage.init_from").
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {folder}: no such folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{what} {folder}: not a model folder (no config.json)")
+    model_type = _read_json(config_file).get("model_type")
+    if model_type != SpatialMLLMConfig.model_type:
+        raise ValueError(
+            f"{config_file}: model_type is {model_type!r}, not {SpatialMLLMConfig.model_type!r}; this folder was not "
+            "saved by spatial-mllm (build a model from such parts with build_model or the model.* config fields)"
+        )
+    if (folder / WEIGHTS_FILE).is_file():
+        shards = [folder / WEIGHTS_FILE]
+    elif (folder / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(folder / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{folder / WEIGHTS_INDEX}: no 'weight_map' of parameter -> shard file")
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"{what} {folder}: no weights ({WEIGHTS_FILE} or {WEIGHTS_INDEX}) beside config.json")
+    for shard in shards:
+        if not shard.is_file():
+            raise FileNotFoundError(f"{shard}: missing, though {folder / WEIGHTS_INDEX} lists it")
+        try:
+            with safe_open(shard, "pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{shard}: not a readable safetensors file ({err}); was it copied completely?") from None
+    return folder
+
+
+__all__ = ["WEIGHTS_FILE", "WEIGHTS_INDEX", "check_model_folder"]
