@@ -81,7 +81,7 @@ def test_check_command_prints_every_problem_and_fails(data, tokenizer_dir, capsy
     out = capsys.readouterr().out.splitlines()
     problem_lines = [line for line in out if " record " in line]
     assert len(problem_lines) == len(SCAN_PROBLEMS) + 1
-    assert f"{json_path} record 2 field 'image': file not found: images/missing.png" in problem_lines
+    assert f"{json_path} record 2 field 'image': file not found: images/missing.png (looked in {folder})" in problem_lines
     assert out[-1].startswith(f"{len(SCAN_PROBLEMS) + 1} problem(s) in {len(SCAN_PROBLEMS) + 1} record(s) (")
     assert "unreadable_image: 1" in out[-1] and "malformed_conversation: 5" in out[-1]
 
@@ -94,3 +94,10 @@ def test_check_command_passes_a_clean_file(data, tokenizer_dir, capsys):
     argv = [str(clean), "--images", str(folder), "--tokenizer", str(tokenizer_dir), "--template", "chat_template"]
     assert run_check(argv) == 0
     assert capsys.readouterr().out.strip() == f"{clean}: no problems"
+
+
+def test_errors_name_the_nested_command(tmp_path, capsys):
+    from spatial_mllm import cli
+
+    assert cli.main(["data", "check", str(tmp_path / "none.json"), "--images", str(tmp_path)]) == 2
+    assert f"spatial-mllm data check: error: data file not found: {tmp_path / 'none.json'}" in capsys.readouterr().err

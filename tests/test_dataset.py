@@ -58,7 +58,9 @@ def test_scan_reports_each_bad_record_with_its_field(data, tokenizer, caplog):
     assert [ds.record(i).index for i in range(len(ds))] == sorted(GOOD_RECORDS + [CORRUPT_IMAGE_RECORD, LONG_RECORD])
     assert ds.num_records == 14
     missing = next(p for p in ds.problems if p.index == 2)
-    assert str(missing) == f"{data[0]} record 2 field 'image': file not found: images/missing.png"
+    assert str(missing) == (
+        f"{data[0]} record 2 field 'image': file not found: images/missing.png (looked in {data[1]})"
+    )
     unknown = next(p for p in ds.problems if p.index == 9)
     assert "unknown role 'bing'" in unknown.message
     assert "missing_image: 1" in caplog.text and "malformed_conversation: 5" in caplog.text

@@ -6,7 +6,10 @@ Answers must not depend on the batch size, broken question lines must be reporte
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +38,7 @@ QUESTIONS = [
 TEXT_ONLY = {3, 8}  # questions without image
 MAX_NEW_TOKENS = "4"
 # What differs between two runs of the same model on the same file: timings, names, the batch size.
-PER_RUN_FIELDS = ("latency_ms_per_sample", "tokens_per_second", "generation", "answers_file", "name")
+PER_RUN_FIELDS = ("latency_ms_per_sample", "ms_per_question", "tokens_per_second", "generation", "answers_file", "name")
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +109,9 @@ def test_batch_size_does_not_change_answers_or_scores(model_dir, tmp_path):
     assert one.read_bytes() == (tmp_path / "first.jsonl").read_bytes()
     scores_one = json.loads((tmp_path / "bs1.scores.json").read_text())
     scores_eight = json.loads((tmp_path / "bs8.scores.json").read_text())
+    # one question at a time is a latency; batched, the time per question is a throughput and not called latency
+    assert scores_one["latency_ms_per_sample"] == scores_one["ms_per_question"] > 0
+    assert scores_eight["latency_ms_per_sample"] is None and scores_eight["ms_per_question"] > 0
     for field in PER_RUN_FIELDS:
         scores_one.pop(field), scores_eight.pop(field)
     assert scores_one == scores_eight
@@ -220,7 +226,8 @@ def test_cli_eval_then_report(model_dir, tmp_path, capsys):
     assert scores["projector"] == "mlp2x_gelu"
     assert scores["visual_tokens"] == model.num_image_tokens == 144
     assert scores["projector_parameters"] == sum(p.numel() for p in model.projector.parameters())
-    assert scores["latency_ms_per_sample"] > 0 and scores["tokens_per_second"] > 0
+    assert scores["latency_ms_per_sample"] is None  # batch size 8: see ms_per_question
+    assert scores["ms_per_question"] > 0 and scores["tokens_per_second"] > 0
     assert scores["generated_tokens"] <= len(QUESTIONS) * int(MAX_NEW_TOKENS)
     assert [row["response"] for row in scores["per_question"]] == [a["text"] for a in answers]
     assert scores["overall"] == pytest.approx(3 / 11)
@@ -239,8 +246,40 @@ def test_cli_eval_then_report(model_dir, tmp_path, capsys):
     for run, source in zip(summary["runs"], (scores, other)):
         for field in ("projector", "visual_tokens", "projector_parameters", "overall", "categories"):
             assert run[field] == source[field]
-        assert run["latency_ms_per_sample"] == pytest.approx(scores["latency_ms_per_sample"])
+        assert run["tokens_per_second"] == pytest.approx(scores["tokens_per_second"])
     assert "| mlp-a | mlp2x_gelu | 144 |" in (report_dir / "report.md").read_text()
+
+    # Without --name a run is named after its folder and the parent: stage folders of two projectors differ.
+    stage2 = tmp_path / "saep" / "stage2"
+    shutil.copytree(model_dir, stage2)
+    assert run_eval(stage2, questions, tmp_path / "default.jsonl", "--answer-key", str(key)) == 0
+    assert json.loads((tmp_path / "default.scores.json").read_text())["name"] == "saep/stage2"
+
+
+def test_report_refuses_runs_that_do_not_compare(model_dir, tmp_path, capsys):
+    questions = write_questions(tmp_path)
+    assert run_eval(model_dir, questions, tmp_path / "plain.jsonl", "--batch-size", "4") == 0
+    key = write_jsonl(tmp_path / "key.jsonl", key_from(read_answers(tmp_path / "plain.jsonl"), right={1}))
+    assert run_eval(model_dir, questions, tmp_path / "a.jsonl", "--answer-key", str(key), "--name", "a") == 0
+    scores = json.loads((tmp_path / "a.scores.json").read_text())
+    other_questions = tmp_path / "other.jsonl"
+    other_questions.write_text(questions.read_text().replace("what color", "which colour"))
+    variants = {
+        "pope": ({**scores, "name": "p", "benchmark": "pope"}, "is scored as 'pope' but .*a.scores.json as 'answer_key'"),
+        "other": ({**scores, "name": "o", "questions_file": str(other_questions),
+                   "questions_sha256": hashlib.sha256(other_questions.read_bytes()).hexdigest()},
+                  "answered .*other.jsonl but .*a.scores.json answered .*questions.jsonl, a different question file"),
+    }  # fmt: skip
+    for label, (variant, message) in variants.items():
+        (tmp_path / f"{label}.scores.json").write_text(json.dumps(variant))
+        runs = [str(tmp_path / "a.scores.json"), str(tmp_path / f"{label}.scores.json")]
+        assert cli.main(["report", "--runs", *runs, "--out", str(tmp_path / "r")]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    runs = [str(tmp_path / "a.scores.json"), str(tmp_path / "other.scores.json")]
+    assert cli.main(["report", "--runs", *runs, "--out", str(tmp_path / "r"), "--mixed-questions"]) == 0
+    unscored = tmp_path / "plain.scores.json"  # eval without --answer-key: answers and run facts only
+    assert cli.main(["report", "--runs", str(unscored), "--out", str(tmp_path / "r2")]) == 2
+    assert "answers without scores (eval ran without --answer-key or --pope)" in capsys.readouterr().err
 
 
 def test_report_names_the_file_of_a_bad_run(tmp_path, capsys):
@@ -252,7 +291,8 @@ def test_report_names_the_file_of_a_bad_run(tmp_path, capsys):
     assert cli.main(["report", "--runs", paths[0], paths[1], "--out", str(tmp_path / "r")]) == 2
     assert f"{paths[1]}, field 'overall': accuracy must lie in [0, 1], got 50" in capsys.readouterr().err
     assert cli.main(["report", "--runs", paths[0], paths[2], "--out", str(tmp_path / "r")]) == 2
-    assert f"{paths[2]}: run name 'a' is also the name in {paths[0]}" in capsys.readouterr().err
+    assert f"{paths[2]}: run name 'a' is also the name in {paths[0]}; names must differ (give each run its own with" \
+        in capsys.readouterr().err
 
 
 def test_eval_on_the_built_in_world(model_dir, tmp_path):

@@ -101,7 +101,7 @@ def test_image_gain_column_appears_when_a_run_measured_it(tmp_path):
     lines = markdown_table(read_runs(runs)).splitlines()
     assert lines[0].startswith("| Run | Projector | Visual tokens | Projector params | Latency (ms/sample) | Tokens/s"
                                " | Image gain (nats/token) | Overall |")  # fmt: skip
-    assert lines[2] == "| llava-1.5-mlp | mlp2x_gelu | 576 | 21,012,480 | 123.5 | — | 0.060 ± 0.005 | 62.5 | 50.0 | 75.0 | — |"
+    assert lines[2] == "| llava-1.5-mlp | mlp2x_gelu | 576 | 21,012,480 | 123.5 | — | 0.0603 ± 0.0052 | 62.5 | 50.0 | 75.0 | — |"
     assert lines[3] == "| saep | saep | 144 | — | — | — | — | 60.0 | 30.0 | 90.0 | 60.0 |"
     paths = write_report(runs, tmp_path)
     assert "0 means the model ignores the image" in paths["markdown"].read_text(encoding="utf-8")

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as err:
         # User-facing problems (bad file, bad record, bad option) end with their message, not a traceback.
-        print(f"spatial-mllm {args.command}: error: {err}", file=sys.stderr)
+        # the full command, nested ones included (`data check`: dest "data_command")
+        name = " ".join([args.command] + [value for key, value in vars(args).items() if key.endswith("_command")])
+        print(f"spatial-mllm {name}: error: {err}", file=sys.stderr)
         return 2
 
 

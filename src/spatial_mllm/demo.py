@@ -352,7 +352,7 @@ def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip
     result["image_reliance"] = measure_image_reliance(stage2, data["val"], world, features)
     for split in ("test", "holdout"):
         scores = evaluate(stage2, world, split, plan, name, folder / "eval")
-        result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered")}
+        result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered", "tokens_per_second")}
     result.update(result["test"])  # the report's main columns are the test split's
     result.update(measure_latency(stage2, world, plan))
     return result

@@ -178,7 +178,7 @@ def normalize_record(
 
     for image in images:
         if not (image_folder / image).is_file():
-            return problem("image", f"file not found: {image}", ProblemKind.MISSING_IMAGE)
+            return problem("image", f"file not found: {image} (looked in {image_folder})", ProblemKind.MISSING_IMAGE)
 
     if len(images) == 1:
         messages = [_image_first(m) if IMAGE_TOKEN in m.content else m for m in messages]
@@ -230,7 +230,8 @@ def load_images(record: Record, image_folder: Path, file: str) -> list[Image.Ima
             with Image.open(image_folder / relative) as image:
                 images.append(image.convert("RGB"))  # convert() forces the full decode
         except FileNotFoundError:
-            missing = DataProblem(file, record.index, "image", f"file not found: {relative}", ProblemKind.MISSING_IMAGE)
+            message = f"file not found: {relative} (looked in {image_folder})"
+            missing = DataProblem(file, record.index, "image", message, ProblemKind.MISSING_IMAGE)
             raise DataError(missing) from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             # PIL reports corrupt files as OSError (truncated, unidentified) or SyntaxError (broken PNG chunks).

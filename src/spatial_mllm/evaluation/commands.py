@@ -9,6 +9,7 @@ run's facts (name, projector, visual tokens, projector parameters, latency, toke
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Mapping
@@ -59,7 +60,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--suffix", default="", help="text added on a new line after each question")
     parser.add_argument("--strict", action="store_true", help="stop at the first line that cannot be answered")
-    parser.add_argument("--name", help="run name in scores and reports (default: the model folder's name)")
+    parser.add_argument(
+        "--name", help="run name in scores and reports (default: the model folder and its parent, e.g. saep/stage2)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_eval)
 
@@ -72,6 +75,11 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--runs", required=True, nargs="+", type=Path, help=f"{SCORES_SUFFIX} files, one per run")
     parser.add_argument("--out", required=True, type=Path, help="folder for the report")
+    parser.add_argument(
+        "--mixed-questions",
+        action="store_true",
+        help="allow runs scored on different question files (by default refused: their numbers do not compare)",
+    )
     parser.set_defaults(func=_report)
 
 
@@ -181,20 +189,35 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_run_name(model_dir: Path) -> str:
+    """The model folder with its parent (runs/demo/saep/stage2 -> saep/stage2): training writes stage folders of
+    the same name for every projector, and report needs names that differ."""
+    folder = model_dir.resolve()
+    return f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def run_facts(args: argparse.Namespace, model, result: EvalResult) -> dict[str, Any]:
     """What `report` needs besides the scores, measured on this run."""
     seconds = result.seconds
+    per_question = 1000 * seconds / result.answered if result.answered and seconds > 0 else None
     return {
-        "name": args.name or args.model.resolve().name,
+        "name": args.name or default_run_name(args.model),
         "model": str(args.model),
         "projector": model.config.projector_type,
         "visual_tokens": model.num_image_tokens,
         "projector_parameters": sum(parameter.numel() for parameter in model.projector.parameters()),
-        # Wall time of generation per question at this batch size, image loading included.
-        "latency_ms_per_sample": 1000 * seconds / result.answered if result.answered and seconds > 0 else None,
+        # Wall time of generation per question, image loading included: a latency only when questions go one by one;
+        # at larger batch sizes it is a throughput, kept apart so reports never mix the two.
+        "latency_ms_per_sample": per_question if args.batch_size == 1 else None,
+        "ms_per_question": per_question,
         "tokens_per_second": result.new_tokens / seconds if result.new_tokens and seconds > 0 else None,
         "generated_tokens": result.new_tokens,
         "questions_file": str(args.questions),
+        "questions_sha256": file_digest(args.questions),
         "answers_file": str(args.out),
         "answered": result.answered,
         "skipped": [str(found) for found in result.problems],
@@ -289,6 +312,23 @@ def pope_table(pope: Mapping[str, Any]) -> str:
 # --- report -------------------------------------------------------------------------------------------------------
 
 
+def _check_comparable(results: list[dict[str, Any]], paths: list[Path], mixed_questions: bool) -> None:
+    """Runs in one table must be scored the same way on the same questions, or their numbers do not compare."""
+    first, first_path = results[0], paths[0]
+    for result, path in zip(results[1:], paths[1:]):
+        if result.get("benchmark") != first.get("benchmark"):
+            raise ValueError(
+                f"{path} is scored as {result.get('benchmark')!r} but {first_path} as {first.get('benchmark')!r}; "
+                "report runs of one benchmark together"
+            )
+        digests = (result.get("questions_sha256"), first.get("questions_sha256"))
+        if not mixed_questions and None not in digests and digests[0] != digests[1]:
+            raise ValueError(
+                f"{path} answered {result.get('questions_file')} but {first_path} answered {first.get('questions_file')}, "
+                "a different question file; compare runs on the same questions (or pass --mixed-questions)"
+            )
+
+
 def _report(args: argparse.Namespace) -> int:
     results, first_file_of = [], {}
     for path in args.runs:
@@ -298,11 +338,19 @@ def _report(args: argparse.Namespace) -> int:
             result = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        if isinstance(result, dict) and "answers_file" in result and "benchmark" not in result:
+            raise ValueError(
+                f"{path}: answers without scores (eval ran without --answer-key or --pope); run eval again with one"
+            )
         name = read_run(result, str(path)).name  # checks the run, errors name the file
         if name in first_file_of:
-            raise ValueError(f"{path}: run name {name!r} is also the name in {first_file_of[name]}; names must differ")
+            raise ValueError(
+                f"{path}: run name {name!r} is also the name in {first_file_of[name]}; names must differ "
+                "(give each run its own with spatial-mllm eval --name)"
+            )
         first_file_of[name] = path
         results.append(result)
+    _check_comparable(results, list(args.runs), args.mixed_questions)
     paths = write_report(results, args.out)
     print(markdown_table(read_runs(results)))
     print("report written: " + ", ".join(str(path) for path in paths.values()))

@@ -150,11 +150,17 @@ def markdown_table(runs: list[RunSummary]) -> str:
             _optional(run.tokens_per_second, ".1f"),
         ]
         if with_gain:
-            cells.append(MISSING if run.image_gain is None else f"{run.image_gain:.3f} ± {run.image_gain_se:.3f}")
+            cells.append(MISSING if run.image_gain is None else _with_error(run.image_gain, run.image_gain_se))
         cells.append(_percent(run.overall))
         cells += [_percent(run.categories.get(category)) for category in categories]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_error(value: float, error: float) -> str:
+    """`value ± error` with enough decimals to show the error's first digit (at least 3, at most 6)."""
+    decimals = 3 if error <= 0 else min(6, max(3, 1 - math.floor(math.log10(error))))
+    return f"{value:.{decimals}f} ± {error:.{decimals}f}"
 
 
 def _gain_note(runs: list[RunSummary]) -> str:
