@@ -286,15 +286,13 @@ def evaluate(model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str
     return json.loads(scores_path(answers).read_text())
 
 
-def measure_latency(model_dir: Path, world: Path, plan: DemoPlan) -> dict[str, float]:
+def measure_latency(model, processor, template: str, world: Path, plan: DemoPlan) -> dict[str, float]:
     """Prefill + 4 greedy tokens per sample, batch 1, from pixels (ViT included), median over samples."""
     from PIL import Image
 
     from .data.templates import ConversationEncoder, Message
-    from .evaluation.loading import load_for_inference
 
-    model, processor = load_for_inference(model_dir)
-    encoder = ConversationEncoder(processor.tokenizer, "vicuna_v1", processor.num_image_tokens)
+    encoder = ConversationEncoder(processor.tokenizer, template, processor.num_image_tokens)
     paths = split_images(world, "test")[0][: plan.latency_samples]
     times = []
     with torch.inference_mode():
@@ -311,17 +309,13 @@ def measure_latency(model_dir: Path, world: Path, plan: DemoPlan) -> dict[str, f
     return {"latency_ms_per_sample": 1000 * times[len(times) // 2]}
 
 
-def measure_image_reliance(model_dir: Path, val_data: Path, world: Path, features) -> dict[str, float | int]:
+def measure_image_reliance(model, processor, template: str, val_data: Path, world: Path, features) -> dict[str, Any]:
     """Held-out stage-2 loss with each sample's own image vs another's (see evaluation.image_reliance)."""
     from .data.dataset import LlavaDataset
     from .evaluation.image_reliance import image_reliance
-    from .evaluation.loading import load_for_inference
-    from .evaluation.runner import run_info
     from .training.engine import make_collator
     from .training.feature_dataset import CachedFeatureDataset
 
-    model, processor = load_for_inference(model_dir)
-    template = run_info(model_dir).get("template", "vicuna_v1")
     base = LlavaDataset(val_data, world, processor.tokenizer, template, processor.num_image_tokens)
     dataset = CachedFeatureDataset(base, features, model.vision_feature_layers)
     return image_reliance(model, dataset, make_collator(processor)).to_dict()
@@ -330,6 +324,7 @@ def measure_image_reliance(model_dir: Path, val_data: Path, world: Path, feature
 def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip: Path, llm: Path,
                   tokenizer_dir: Path, features, plan: DemoPlan, seed: int) -> dict[str, Any]:
     from .evaluation.loading import load_for_inference
+    from .evaluation.runner import trained_template
 
     folder = out / name
     options = plan.projector_options.get(name, {})
@@ -339,7 +334,9 @@ def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip
                                       **model_fields), features)
     stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", data["train"], world, seed,
                                       **{"stage.init_from": stage1, "model.projector": None}), features)
-    model, _ = load_for_inference(stage2)
+    # Loaded once for the facts, image reliance and latency; evaluation goes through `spatial-mllm eval` as a user's.
+    model, processor = load_for_inference(stage2)
+    template = trained_template(stage2)
     result: dict[str, Any] = {
         "name": name,
         "projector": name,
@@ -347,14 +344,13 @@ def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip
         "projector_parameters": sum(p.numel() for p in model.projector.parameters()),
         "final_loss_stage1": last_loss(stage1),
         "final_loss_stage2": last_loss(stage2),
+        "image_reliance": measure_image_reliance(model, processor, template, data["val"], world, features),
     }
-    del model
-    result["image_reliance"] = measure_image_reliance(stage2, data["val"], world, features)
     for split in ("test", "holdout"):
         scores = evaluate(stage2, world, split, plan, name, folder / "eval")
         result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered", "tokens_per_second")}
     result.update(result["test"])  # the report's main columns are the test split's
-    result.update(measure_latency(stage2, world, plan))
+    result.update(measure_latency(model, processor, template, world, plan))
     return result
 
 

@@ -29,7 +29,10 @@ def _register_make_world(data_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     parser.add_argument("--test", type=int, default=500, help="test images (default 500)")
     parser.add_argument("--holdout", type=int, default=300, help="compositional hold-out images (default 300)")
-    parser.add_argument("--canvas", type=int, default=96, help="image side in pixels (default 96: with 12-pixel ViT patches, as the demo uses, an 8x8 grid)")
+    parser.add_argument(
+        "--canvas", type=int, default=96,
+        help="image side in pixels (default 96: with 12-pixel ViT patches, as the demo uses, an 8x8 grid)",
+    )
     parser.add_argument("--min-objects", type=int, default=2, help="fewest objects per scene (default 2)")
     parser.add_argument("--max-objects", type=int, default=5, help="most objects per scene (default 5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing world folder")

@@ -112,33 +112,6 @@ def _register_image_reliance(subparsers: argparse._SubParsersAction) -> None:
 # --- eval ---------------------------------------------------------------------------------------------------------
 
 
-def _image_reliance(args: argparse.Namespace) -> int:
-    from ..data.dataset import LlavaDataset
-    from ..training.engine import ImageTransform, make_collator
-    from .image_reliance import image_reliance
-    from .runner import run_info
-
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    model, processor = load_for_inference(args.model)
-    template = args.template or run_info(args.model).get("template", "vicuna_v1")
-    dataset = LlavaDataset(args.data, args.images, processor.tokenizer, template, processor.num_image_tokens,
-                           ImageTransform(processor), args.max_length, "drop", args.strict)  # fmt: skip
-    result = image_reliance(model, dataset, make_collator(processor), args.batch_size)
-    if dataset.problems:
-        print(dataset.report(), file=sys.stderr)
-    print(
-        f"{result.samples} samples with images, {result.supervised_tokens} supervised tokens, template {template}\n"
-        f"loss per token with their own images {result.loss_own_images:.4f}, with other images "
-        f"{result.loss_other_images:.4f}; gap {result.gap:.4f} ± {result.gap_standard_error:.4f}"
-    )
-    if args.out is not None:
-        facts = {"model": str(args.model), "data": str(args.data), "template": template, "skipped": len(dataset.problems)}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(facts | result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return 0
-
-
 def scores_path(answers_file: Path) -> Path:
     """answers.jsonl -> answers.scores.json, beside it."""
     return answers_file.with_suffix(SCORES_SUFFIX)
@@ -354,4 +327,34 @@ def _report(args: argparse.Namespace) -> int:
     paths = write_report(results, args.out)
     print(markdown_table(read_runs(results)))
     print("report written: " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+# --- image-reliance -----------------------------------------------------------------------------------------------
+
+
+def _image_reliance(args: argparse.Namespace) -> int:
+    from ..data.dataset import LlavaDataset
+    from ..training.engine import ImageTransform, make_collator
+    from .image_reliance import image_reliance
+    from .runner import trained_template
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    model, processor = load_for_inference(args.model)
+    template = args.template or trained_template(args.model)
+    dataset = LlavaDataset(args.data, args.images, processor.tokenizer, template, processor.num_image_tokens,
+                           ImageTransform(processor), args.max_length, "drop", args.strict)  # fmt: skip
+    result = image_reliance(model, dataset, make_collator(processor), args.batch_size)
+    if dataset.problems:
+        print(dataset.report(), file=sys.stderr)
+    print(
+        f"{result.samples} samples with images, {result.supervised_tokens} supervised tokens, template {template}\n"
+        f"loss per token with their own images {result.loss_own_images:.4f}, with other images "
+        f"{result.loss_other_images:.4f}; gap {result.gap:.4f} ± {result.gap_standard_error:.4f}"
+    )
+    if args.out is not None:
+        facts = {"model": str(args.model), "data": str(args.data), "template": template, "skipped": len(dataset.problems)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(facts | result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return 0

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data.templates import IGNORE_INDEX
+from ..training.batches import move_batch
 
 IMAGE_KEYS = ("pixel_values", "vision_features")
 
@@ -102,14 +103,10 @@ def supervised_losses(
     device = next(model.parameters()).device
     sums, counts = [], []
     for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start : start + batch_size])
-        inputs = {
-            key: (value.to(device) if isinstance(value, torch.Tensor) else [v.to(device) for v in value])
-            for key, value in batch.items()
-            if key in ("input_ids", "attention_mask", *IMAGE_KEYS) and value is not None
-        }
+        batch = move_batch(collate(samples[start : start + batch_size]), device)
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", *IMAGE_KEYS) if batch.get(key) is not None}
         logits = model(**inputs).logits.float()
-        targets = batch["labels"][:, 1:].to(device)  # image positions are already IGNORE_INDEX
+        targets = batch["labels"][:, 1:]  # image positions are already IGNORE_INDEX
         losses = F.cross_entropy(
             logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )

@@ -33,10 +33,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data.templates import IGNORE_INDEX, IMAGE_TOKEN, ConversationEncoder, Message, Segment
 from .loading import load_for_inference
-from .runner import generate_batch, run_info
+from .runner import generate_batch, trained_template
 
 MODEL_ID = "spatial_mllm"  # the name given to lmms-eval's --model
-DEFAULT_TEMPLATE = "vicuna_v1"
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class SpatialMLLMLmms:
         self.device = device or _default_device()
         self.model, self.processor = load_for_inference(pretrained, _torch_dtype(dtype), self.device)
         self.tokenizer = self.processor.tokenizer
-        self.template = template or run_info(Path(pretrained)).get("template", DEFAULT_TEMPLATE)
+        self.template = template or trained_template(Path(pretrained))
         self.encoder = ConversationEncoder(self.tokenizer, self.template, self.processor.num_image_tokens)
         self.task_dict: dict[str, Any] = {}
 

@@ -123,6 +123,14 @@ def run_info(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+DEFAULT_TEMPLATE = "vicuna_v1"  # for a model folder whose run recorded no template
+
+
+def trained_template(model_dir: Path, info: dict[str, Any] | None = None) -> str:
+    """The conversation template the model was trained with (from its run info), else DEFAULT_TEMPLATE."""
+    return (run_info(model_dir) if info is None else info).get("template", DEFAULT_TEMPLATE)
+
+
 def answer_id(model_id: str, question_id: Any) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{question_id}").hex
 
@@ -243,7 +251,7 @@ def evaluate_file(
     if model is None:
         model, processor = load_for_inference(model_dir)
     info = run_info(model_dir)
-    template = template or info.get("template", "vicuna_v1")
+    template = template or trained_template(model_dir, info)
     started = time.perf_counter()
     answers, prompts, new_tokens = generate_answers(
         model, processor, questions, folder, template, batch_size, max_new_tokens, suffix, progress

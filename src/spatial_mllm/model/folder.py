@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX
+from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_FILE
 
 from .configuration import SpatialMLLMConfig
-
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def _read_json(path: Path) -> dict:

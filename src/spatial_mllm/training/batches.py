@@ -98,4 +98,17 @@ class VisionFeatureCollator:
         return batch
 
 
-__all__ = ["MicroBatchSampler", "VisionFeatureCollator"]
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors, and lists of tensors (vision_features), on `device`; other values as they are."""
+    moved: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            moved[key] = [v.to(device) for v in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+__all__ = ["MicroBatchSampler", "VisionFeatureCollator", "move_batch"]

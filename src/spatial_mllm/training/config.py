@@ -271,20 +271,24 @@ def apply_override(config: TrainConfig, override: str) -> None:
         converted = coerce(value, hint, dotted, source)
     except ValueError:
         # YAML 1.1 reads no/off/yes/on as booleans: a field that takes text gets the text as typed.
-        if isinstance(value, str) or not _fits(text.strip(), str)[0] or not _takes_text(hint):
+        if isinstance(value, str) or not _takes_text(hint):
             raise
         converted = coerce(text.strip(), hint, dotted, source)
     setattr(target, key, converted)
 
 
 def _takes_text(hint: Any) -> bool:
-    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-    return any(_fits("text", option)[0] for option in options)
+    return any(_fits("text", option)[0] for option in _type_options(hint))
+
+
+def _type_options(hint: Any) -> tuple[Any, ...]:
+    """The types a hint allows: the members of a Union (`int | None`), else the hint itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
 
 
 def coerce(value: Any, hint: Any, name: str, source: str) -> Any:
     """`value` if it fits type `hint` (ints accepted as floats, "2e-5"-style strings as floats), else a clear error."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    options = _type_options(hint)
     for option in options:
         ok, converted = _fits(value, option)
         if ok:

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from ..model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor, build_model
 from ..model.folder import check_model_folder
-from .batches import MicroBatchSampler, VisionFeatureCollator
+from .batches import MicroBatchSampler, VisionFeatureCollator, move_batch
 from .checkpoint import (
     write_json,
     TrainerState,
@@ -361,14 +361,7 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device, config: TrainConfig) -> dict[str, Any]:
-    moved: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device)
-        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            moved[key] = [v.to(device) for v in value]
-        else:
-            moved[key] = value
+    moved = move_batch(batch, device)
     if moved.get("vision_features") is not None and config.vision.trainable:
         raise ValueError("the data gives cached vision_features, which bypass the vision tower; vision.trainable must be false")
     return moved

@@ -130,6 +130,7 @@ def merge_lora_folder(model_dir: str | Path, out_dir: str | Path) -> Path:
 
     from ..model import RUN_INFO_FILE, SpatialMLLMProcessor
     from ..model.folder import check_model_folder
+    from .checkpoint import publish
 
     model_dir, out_dir = check_model_folder(model_dir), Path(out_dir)
     if not (model_dir / ADAPTER_CONFIG).is_file():
@@ -141,17 +142,17 @@ def merge_lora_folder(model_dir: str | Path, out_dir: str | Path) -> Path:
     model = load_without_adapter(model_dir)
     attach_adapter(model, model_dir)
     merge_lora(model)
+    # Assembled beside the target and published as checkpoints are (fsync, then an atomic rename over the empty
+    # or missing --out), so a killed merge leaves only a hidden folder that the next merge clears.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as staging:
-        staged = Path(staging) / "model"
-        model.save_pretrained(staged)
-        SpatialMLLMProcessor.from_pretrained(model_dir).save_pretrained(staged)
-        if (model_dir / RUN_INFO_FILE).is_file():
-            shutil.copy2(model_dir / RUN_INFO_FILE, staged / RUN_INFO_FILE)
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty, checked above
-        staged.rename(out_dir)
-    return out_dir
+    staging = out_dir.parent / f".tmp-{out_dir.name}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    SpatialMLLMProcessor.from_pretrained(model_dir).save_pretrained(staging)
+    if (model_dir / RUN_INFO_FILE).is_file():
+        shutil.copy2(model_dir / RUN_INFO_FILE, staging / RUN_INFO_FILE)
+    return publish(staging)
 
 
 __all__ = [
