@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -17,7 +16,9 @@ from fixtures.llava_data import (
     world_tokenizer,
     write_mixed_dataset,
 )
-from spatial_mllm.data.check import check_file, register_check
+from fixtures.llava_data import processor_for
+from spatial_mllm import cli
+from spatial_mllm.data.check import check_file
 from spatial_mllm.data.dataset import LlavaDataset
 
 N = 4
@@ -40,38 +41,36 @@ def found(problems) -> dict[int, tuple[str, str]]:
 
 
 def run_check(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    register_check(parser.add_subparsers())
-    args = parser.parse_args(["check", *argv])
-    return args.func(args)
+    return cli.main(["data", "check", *argv])
 
 
 def test_check_without_tokenizer_decodes_every_image(data):
-    problems = check_file(*data)
+    problems = check_file(*data).problems
     assert found(problems) == {**SCAN_PROBLEMS, CORRUPT_IMAGE_RECORD: ("image", "unreadable_image")}
     assert [p.index for p in problems] == sorted(p.index for p in problems)
 
 
 def test_check_with_tokenizer_and_length_limit(data, tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ds = LlavaDataset(data[0], data[1], tokenizer, "vicuna_v1", N, max_length=10_000)
+    processor = processor_for(AutoTokenizer.from_pretrained(tokenizer_dir), "vicuna_v1", N)
+    ds = LlavaDataset(data[0], data[1], processor, max_length=10_000, load_images=False)
     lengths = {ds.record(i).index: len(ds.load(i)["input_ids"]) for i in range(len(ds))}
     limit = max(lengths[i] for i in GOOD_RECORDS)
-    problems = check_file(*data, tokenizer=tokenizer, num_image_tokens=N, max_length=limit, overlong="drop")
+    problems = check_file(*data, processor=processor, max_length=limit, overlong="drop").problems
     assert found(problems) == {
         **SCAN_PROBLEMS,
         CORRUPT_IMAGE_RECORD: ("image", "unreadable_image"),
         LONG_RECORD: ("conversations", "overlong"),
     }
     # Truncation can keep the long record (its answer is cut), so it is no problem then.
-    truncating = check_file(*data, tokenizer=tokenizer, num_image_tokens=N, max_length=limit)
+    truncating = check_file(*data, processor=processor, max_length=limit).problems
     assert LONG_RECORD not in found(truncating)
-    with pytest.raises(ValueError, match="needs num_image_tokens"):
-        check_file(*data, tokenizer=tokenizer, max_length=limit)
+    with pytest.raises(ValueError, match="needs a processor"):
+        check_file(*data, max_length=limit)
 
 
 def test_check_reports_template_problems_per_record(data, tokenizer_dir):
-    problems = check_file(*data, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), template="plain")
+    processor = processor_for(AutoTokenizer.from_pretrained(tokenizer_dir), "plain", N)
+    problems = check_file(*data, processor=processor).problems
     assert {i for i, (_, kind) in found(problems).items() if kind == "template"} == {1, 11}  # multi-turn, system turn
 
 
@@ -82,7 +81,7 @@ def test_check_command_prints_every_problem_and_fails(data, tokenizer_dir, capsy
     problem_lines = [line for line in out if " record " in line]
     assert len(problem_lines) == len(SCAN_PROBLEMS) + 1
     assert f"{json_path} record 2 field 'image': file not found: images/missing.png (looked in {folder})" in problem_lines
-    assert out[-1].startswith(f"{len(SCAN_PROBLEMS) + 1} problem(s) in {len(SCAN_PROBLEMS) + 1} record(s) (")
+    assert out[-1].startswith(f"{json_path}: {len(SCAN_PROBLEMS) + 1} problem(s) in {len(SCAN_PROBLEMS) + 1} of 14 record(s) (")
     assert "unreadable_image: 1" in out[-1] and "malformed_conversation: 5" in out[-1]
 
 
@@ -93,7 +92,7 @@ def test_check_command_passes_a_clean_file(data, tokenizer_dir, capsys):
     clean.write_text(json.dumps([records[i] for i in GOOD_RECORDS]))
     argv = [str(clean), "--images", str(folder), "--tokenizer", str(tokenizer_dir), "--template", "chat_template"]
     assert run_check(argv) == 0
-    assert capsys.readouterr().out.strip() == f"{clean}: no problems"
+    assert capsys.readouterr().out.strip() == f"{clean}: {len(GOOD_RECORDS)} records, no problems"
 
 
 def test_errors_name_the_nested_command(tmp_path, capsys):

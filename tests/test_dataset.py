@@ -18,13 +18,13 @@ from fixtures.llava_data import (
     LONG_RECORD,
     MIXED,
     SCAN_PROBLEMS,
-    tiny_transform,
+    processor_for,
     world_tokenizer,
     write_mixed_dataset,
 )
 from spatial_mllm.data.collator import DataCollator
 from spatial_mllm.data.dataset import DataError, LlavaDataset, fit_length
-from spatial_mllm.data.templates import IGNORE_INDEX, IMAGE_TOKEN, LabelMismatchError
+from spatial_mllm.model import IGNORE_INDEX, IMAGE_TOKEN, LabelMismatchError
 
 N = 4  # image tokens per image
 
@@ -39,10 +39,9 @@ def data(tmp_path):
     return write_mixed_dataset(tmp_path)
 
 
-def dataset(data, tokenizer, **options) -> LlavaDataset:
+def dataset(data, tokenizer, template: str = "vicuna_v1", **options) -> LlavaDataset:
     json_path, folder = data
-    options = {"template": "vicuna_v1", "num_image_tokens": N, "image_transform": tiny_transform, **options}
-    return LlavaDataset(json_path, folder, tokenizer, **options)
+    return LlavaDataset(json_path, folder, processor_for(tokenizer, template, N), **options)
 
 
 def supervised_text(tokenizer, item) -> str:
@@ -123,8 +122,8 @@ def test_item_holds_image_tokens_pixels_and_exact_labels(data, tokenizer):
 
 
 def test_text_only_use_keeps_image_tokens_without_pixels(data, tokenizer):
-    ds = dataset(data, tokenizer, image_transform=None)
-    item = ds[2]  # the corrupt image is never opened without a transform
+    ds = dataset(data, tokenizer, load_images=False)
+    item = ds[2]  # the corrupt image is never opened when images are served otherwise
     assert item["id"] == "corrupt-image" and item["pixel_values"] is None
     assert (item["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).sum() == N
 
@@ -176,12 +175,12 @@ def test_bad_files_fail_clearly(tmp_path, tokenizer):
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": 1,}]')
     with pytest.raises(ValueError, match=r"broken\.json: not valid JSON: .* line 1 column"):
-        LlavaDataset(broken, tmp_path, tokenizer, "vicuna_v1", N)
+        LlavaDataset(broken, tmp_path, processor_for(tokenizer))
     broken.write_text('{"id": 1}')
     with pytest.raises(ValueError, match="expected a JSON list of records, found a JSON dict"):
-        LlavaDataset(broken, tmp_path, tokenizer, "vicuna_v1", N)
+        LlavaDataset(broken, tmp_path, processor_for(tokenizer))
     with pytest.raises(FileNotFoundError, match="data file not found"):
-        LlavaDataset(tmp_path / "absent.json", tmp_path, tokenizer, "vicuna_v1", N)
+        LlavaDataset(tmp_path / "absent.json", tmp_path, processor_for(tokenizer))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from spatial_mllm.cli import main
-from spatial_mllm.data.templates import ConversationEncoder, Message
 from spatial_mllm.demo import DEMO_PROJECTORS, QUICK
 from spatial_mllm.evaluation.loading import load_for_inference
 
@@ -83,12 +82,13 @@ def test_answers_files_follow_llava_format(demo_run):
 
 def test_final_folder_loads_and_generates(demo_run):
     model, processor = load_for_inference(demo_run / "saep" / "stage2")
-    encoder = ConversationEncoder(processor.tokenizer, "vicuna_v1", processor.num_image_tokens)
-    ids = torch.tensor([encoder.encode_prompt([Message("user", "<image>\nWhat color is the circle?")])])
+    assert processor.template == "vicuna_v1"  # the folder carries the template stage 2 trained with
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat color is the circle?"}],
+                                           add_generation_prompt=True)
     image = next((demo_run / "world" / "images").glob("test_*.png"))
     with Image.open(image) as picture:
-        pixels = processor.preprocess_images([picture.convert("RGB")])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                         max_new_tokens=4, do_sample=False)
+        inputs = processor(images=[picture.convert("RGB")], text=prompt)
+    ids = inputs["input_ids"]
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     text = processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert text.strip()

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from spatial_mllm import cli
-from spatial_mllm.data.templates import ConversationEncoder, Message
 from spatial_mllm.evaluation.loading import load_for_inference
 from spatial_mllm.evaluation.runner import read_questions
 from tiny import save_sharpened_model
@@ -123,14 +122,13 @@ def test_batch_size_does_not_change_answers_or_scores(model_dir, tmp_path):
     assert [a["question_id"] for a in first] == [f"q{i}" for i in range(len(QUESTIONS))]
     assert len({a["text"] for a in first}) > 1
     model, processor = load_for_inference(model_dir)
-    encoder = ConversationEncoder(processor.tokenizer, "vicuna_v1", processor.num_image_tokens)
     for index in (0, 3):
         text = QUESTIONS[index][0]
-        if index in TEXT_ONLY:
-            ids, pixel_values = encoder.encode_prompt([Message("user", text)]), None
-        else:
-            ids = encoder.encode_prompt([Message("user", f"<image>\n{text}")])
-            pixel_values = processor.preprocess_images([Image.open(questions.parent / "images" / f"{index}.png")])
+        content = text if index in TEXT_ONLY else f"<image>\n{text}"
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        images = [] if index in TEXT_ONLY else [Image.open(questions.parent / "images" / f"{index}.png")]
+        inputs = processor(images=images, text=prompt)
+        ids, pixel_values = inputs["input_ids"][0].tolist(), inputs.get("pixel_values")
         output = model.generate(
             input_ids=torch.tensor([ids]), pixel_values=pixel_values, max_new_tokens=int(MAX_NEW_TOKENS),
             do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,

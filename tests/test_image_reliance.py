@@ -15,7 +15,7 @@ from spatial_mllm.data.dataset import LlavaDataset
 from spatial_mllm.data.tokenizer import train_world_tokenizer
 from spatial_mllm.evaluation.image_reliance import OtherImages, image_reliance
 from spatial_mllm.model import build_model
-from spatial_mllm.training.engine import ImageTransform, make_collator
+from spatial_mllm.training.engine import make_collator
 from tiny import sharpened, tiny_clip, tiny_llama
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -78,8 +78,7 @@ def model_and_processor(tokenizer):
 
 
 def dataset_for(processor, data: Path) -> LlavaDataset:
-    return LlavaDataset(data, data.parent, processor.tokenizer, "vicuna_v1", processor.num_image_tokens,
-                        ImageTransform(processor))  # fmt: skip
+    return LlavaDataset(data, data.parent, processor)
 
 
 def model_loss(model, collate, item: dict, pixel_values: torch.Tensor) -> tuple[float, int]:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spatial_mllm.data.templates import ConversationEncoder, Message
 from spatial_mllm.evaluation import lmms_eval_model
-from spatial_mllm.evaluation.lmms_eval_model import SpatialMLLMLmms, StopOnStrings, cut_at_stop, lmms_eval_manifest
+from spatial_mllm.evaluation.lmms_eval_model import SpatialMLLMLmms, cut_at_stop, lmms_eval_manifest
+from spatial_mllm.evaluation.runner import StopOnStrings
 from tiny import save_sharpened_model, tiny_model
 
 TASK, SPLIT = "world_spatial", "val"
@@ -76,15 +76,17 @@ def scoring_request(doc_id: int, docs: list[dict], continuation) -> SimpleNamesp
 
 
 def prompt_ids(lm: SpatialMLLMLmms, text: str, with_image: bool = True) -> list[int]:
-    encoder = ConversationEncoder(lm.tokenizer, "vicuna_v1", lm.model.num_image_tokens)
-    return encoder.encode_prompt([Message("user", f"<image>\n{text}" if with_image else text)])
+    content = f"<image>\n{text}" if with_image else text
+    prompt = lm.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [Image.new("RGB", (4, 4))] if with_image else []
+    return lm.processor(images=images, text=prompt)["input_ids"][0].tolist()
 
 
 def greedy_alone(lm: SpatialMLLMLmms, doc: dict, max_new_tokens: int) -> list[int]:
     """The model's greedy tokens for one document, unbatched and unpadded."""
     ids = prompt_ids(lm, doc["question"])
     output = lm.model.generate(
-        input_ids=torch.tensor([ids]), pixel_values=lm.processor.preprocess_images([doc["image"]]),
+        input_ids=torch.tensor([ids]), pixel_values=lm.processor.image_transform([doc["image"]]),
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id,
     )  # fmt: skip
     new = output[0, len(ids) :].tolist()
@@ -99,7 +101,7 @@ def logprob_alone(lm: SpatialMLLMLmms, context_ids: list[int], reply_words: list
     """log P(reply | context) and greedy-ness from one unpadded forward pass."""
     targets = lm.tokenizer.convert_tokens_to_ids(reply_words)
     ids = torch.tensor([context_ids + targets])
-    pixel_values = lm.processor.preprocess_images([image]) if image is not None else None
+    pixel_values = lm.processor.image_transform([image]) if image is not None else None
     with torch.inference_mode():
         logits = lm.model(input_ids=ids, pixel_values=pixel_values).logits[0]
     predictors = logits[len(context_ids) - 1 : len(context_ids) - 1 + len(targets)]

@@ -115,9 +115,9 @@ def test_mismatched_image_tokens_are_refused():
 
 def test_pad_to_square_uses_the_mean_colour():
     model, processor = tiny_model()
-    padded = pad_to_square(Image.new("RGB", (40, 20), (0, 0, 0)), processor.mean_colour())
+    padded = pad_to_square(Image.new("RGB", (40, 20), (0, 0, 0)), processor.image_transform.fill)
     assert padded.size == (40, 40)
-    assert padded.getpixel((0, 0)) == (123, 117, 104)  # CLIP mean * 255, rounded
+    assert padded.getpixel((0, 0)) == (122, 116, 104)  # CLIP mean * 255, truncated as LLaVA's expand2square does
     assert padded.getpixel((20, 20)) == (0, 0, 0)
 
 

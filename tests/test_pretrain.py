@@ -13,15 +13,11 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 
 from spatial_mllm.data.dataset import DataError
-from spatial_mllm.data.templates import VICUNA_SYSTEM
+from spatial_mllm.model import VICUNA_SYSTEM
 from spatial_mllm.data.tokenizer import train_world_tokenizer
 from spatial_mllm.model import build_model, image_processor_for
-from spatial_mllm.training.feature_cache import (
-    StaleFeatureCacheError,
-    build_folder_once,
-    cache_vision_features,
-    load_vision_features,
-)
+from spatial_mllm.cache import cached_folder
+from spatial_mllm.training.feature_cache import StaleFeatureCacheError, cache_vision_features, load_vision_features
 from spatial_mllm.training.pretrain_llm import conversation_texts, pack_texts, pretrain_llm, pretrain_llm_cached
 from spatial_mllm.training.pretrain_vision import (
     ClipPretrainConfig,
@@ -222,14 +218,16 @@ def test_failed_build_leaves_no_folder(tmp_path):
         (tmp / "half-written").write_text("x")
         raise RuntimeError("interrupted")
 
+    key = "0123456789abcdef0123456789"
     with pytest.raises(RuntimeError):
-        build_folder_once(tmp_path / "entry", fail)
+        cached_folder(tmp_path, "entry", key, fail)
     assert list(tmp_path.iterdir()) == []
-    assert build_folder_once(tmp_path / "entry", lambda tmp: (tmp / "done").write_text("y"))
-    assert not build_folder_once(tmp_path / "entry", fail)  # exists: not rebuilt
-    assert (tmp_path / "entry" / "done").read_text() == "y"
+    built = cached_folder(tmp_path, "entry", key, lambda tmp: (tmp / "done").write_text("y"))
+    assert not built.reused and built.path == tmp_path / f"entry-{key[:20]}"
+    assert cached_folder(tmp_path, "entry", key, fail).reused  # exists: not rebuilt
+    assert (built.path / "done").read_text() == "y"
     (tmp_path / "plain").mkdir()
-    assert (tmp_path / "entry").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not left private
+    assert built.path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not left private
 
 
 # --- LLM --------------------------------------------------------------------------------------------------------------
@@ -367,7 +365,7 @@ def test_cached_features_drive_the_model_like_pixels(world, tmp_path):
     model, processor = tiny_model("mlp2x_gelu")
     out = tmp_path / "features.safetensors"
     cache = cache_vision_features(
-        model.vision_tower, paths, processor.preprocess_images, model.vision_feature_layers, out,
+        model.vision_tower, paths, processor.image_transform, model.vision_feature_layers, out,
         image_root=folder, dtype="float32",
     )  # fmt: skip
     image = Image.open(folder / paths[3]).convert("RGB")

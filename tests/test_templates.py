@@ -1,39 +1,32 @@
-"""Conversation templates and label masking on real tokenizers: a byte-level BPE trained by our tokenizer.py and a
-Llama-like SentencePiece-style BPE (Metaspace, byte fallback, BOS added by default), both built in memory."""
+"""Conversation templates (the processor's chat_template) and label masking on real tokenizers: a byte-level BPE
+trained by our tokenizer.py and a Llama-like SentencePiece-style BPE (Metaspace, byte fallback, BOS added by
+default), both built in memory."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaTokenizer
 
-from spatial_mllm.data.templates import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN,
-    VICUNA_SYSTEM,
-    ConversationEncoder,
-    ConversationTemplate,
-    LabelMismatchError,
-    Message,
-    Segment,
-    TemplateError,
-    get_template,
-    verify_labels,
-)
-from spatial_mllm.data.tokenizer import register_tokenizer, train_world_tokenizer
+from fixtures.llava_data import processor_for
+from spatial_mllm import cli
+from spatial_mllm.data.tokenizer import train_world_tokenizer
+from spatial_mllm.model import IGNORE_INDEX, IMAGE_TOKEN, VICUNA_SYSTEM, LabelMismatchError, Segment, TemplateError
+from spatial_mllm.model.chat_templates import resolve_chat_template
+from spatial_mllm.model.conversation import verify_labels
 
 QUESTION_1 = "<image>\nWhat is left of the blue circle?"
 ANSWER_1 = "The red square."
 QUESTION_2 = "How many shapes are there?"
 ANSWER_2 = "Three: 2 squares and 1 circle, 5€ each."
 CONVERSATION = [
-    Message("user", QUESTION_1),
-    Message("assistant", ANSWER_1),
-    Message("user", QUESTION_2),
-    Message("assistant", ANSWER_2),
+    {"role": "user", "content": QUESTION_1},
+    {"role": "assistant", "content": ANSWER_1},
+    {"role": "user", "content": QUESTION_2},
+    {"role": "assistant", "content": ANSWER_2},
 ]
 TEXTS = [QUESTION_1, ANSWER_1, QUESTION_2, ANSWER_2, "A blue circle is right of the red square.", VICUNA_SYSTEM] * 3
 CHATML = (
@@ -96,7 +89,7 @@ CASES = [
 def test_supervised_tokens_are_exactly_the_answers(kind, template, answers, world):
     tokenizer = tokenizer_for(kind, world)
     conversation = CONVERSATION[:2] if template == "plain" else CONVERSATION
-    encoded = ConversationEncoder(tokenizer, template, NUM_IMAGE_TOKENS).encode(conversation, "sample 0")
+    encoded = processor_for(tokenizer, template, NUM_IMAGE_TOKENS).encode_conversation(conversation, name="sample 0")
     ids, labels = encoded.input_ids, encoded.labels
     assert len(ids) == len(labels)
     # The plain separator "\n" is supervised too; strip() in supervised_runs hides it, so check it separately.
@@ -118,42 +111,49 @@ def test_supervised_tokens_are_exactly_the_answers(kind, template, answers, worl
 @pytest.mark.parametrize("kind,template,answers", CASES)
 def test_inference_prompt_is_the_training_prefix(kind, template, answers, world):
     tokenizer = tokenizer_for(kind, world)
-    encoder = ConversationEncoder(tokenizer, template, NUM_IMAGE_TOKENS)
+    processor = processor_for(tokenizer, template, NUM_IMAGE_TOKENS)
     conversation = CONVERSATION[:2] if template == "plain" else CONVERSATION
-    training = encoder.encode(conversation)
-    prompt = encoder.encode_prompt(conversation[:-1])
+    training = processor.encode_conversation(conversation)
+    text = processor.apply_chat_template(conversation[:-1], add_generation_prompt=True)
+    images = [Image.new("RGB", (8, 8))] * text.count(IMAGE_TOKEN)
+    prompt = processor(images=images, text=text)["input_ids"][0].tolist()
     assert training.input_ids[: len(prompt)] == prompt
     # Everything after the prompt is the last answer, supervised to the end.
     rest = training.labels[len(prompt):]
     assert IGNORE_INDEX not in rest
     assert tokenizer.decode(rest, skip_special_tokens=False).strip() == answers[-1]
     with pytest.raises(ValueError, match="ends with a user turn"):
-        encoder.encode_prompt(conversation)
+        processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
 def test_vicuna_v1_renders_llava_format(world):
-    text = "".join(s.text for s in get_template("vicuna_v1").render(CONVERSATION, world))
+    processor = processor_for(world, "vicuna_v1", NUM_IMAGE_TOKENS)
+    text = processor.apply_chat_template(CONVERSATION)
     assert text == (
         f"{VICUNA_SYSTEM} USER: {QUESTION_1} ASSISTANT: {ANSWER_1}</s>USER: {QUESTION_2} ASSISTANT: {ANSWER_2}</s>"
     )
-    with_system = [Message("system", "Be brief."), *CONVERSATION[:2]]
-    text = "".join(s.text for s in get_template("vicuna_v1").render(with_system, world))
+    with_system = [{"role": "system", "content": "Be brief."}, *CONVERSATION[:2]]
+    text = processor.apply_chat_template(with_system)
     assert text == f"Be brief. USER: {QUESTION_1} ASSISTANT: {ANSWER_1}</s>"
-    prompt = get_template("vicuna_v1").render_prompt(CONVERSATION[:1], world)
+    prompt = processor.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True)
     assert prompt == f"{VICUNA_SYSTEM} USER: {QUESTION_1} ASSISTANT:"
+    # OpenAI / transformers content parts render as LLaVA's placeholder then the text.
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_1.split("\n", 1)[1]}]}]
+    assert processor.apply_chat_template(parts, add_generation_prompt=True) == prompt
 
 
 def test_plain_drops_the_human_text(world):
-    segments = get_template("plain").render(CONVERSATION[:2], world)
+    processor = processor_for(world, "plain", NUM_IMAGE_TOKENS)
+    segments = processor.conversation_segments(CONVERSATION[:2])
     assert segments == [Segment(IMAGE_TOKEN, False), Segment(ANSWER_1 + "\n", True)]
-    assert get_template("plain").check(CONVERSATION) is not None
+    assert processor.check_conversation(CONVERSATION) is not None
 
 
 def test_world_chat_template_matches_vicuna_v1(world):
-    with_system = [Message("system", "Be brief."), *CONVERSATION]
+    with_system = [{"role": "system", "content": "Be brief."}, *CONVERSATION]
     for conversation in (CONVERSATION, with_system):
-        vicuna = ConversationEncoder(world, "vicuna_v1", NUM_IMAGE_TOKENS).encode(conversation)
-        chat = ConversationEncoder(world, "chat_template", NUM_IMAGE_TOKENS).encode(conversation)
+        vicuna = processor_for(world, "vicuna_v1", NUM_IMAGE_TOKENS).encode_conversation(conversation)
+        chat = processor_for(world, "chat_template", NUM_IMAGE_TOKENS).encode_conversation(conversation)
         assert chat.input_ids == vicuna.input_ids and chat.labels == vicuna.labels
 
 
@@ -165,27 +165,24 @@ def test_chat_template_that_rewrites_earlier_turns_is_rejected(world):
         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
     )
     with pytest.raises(TemplateError, match="sample 7: .*not prefix-stable"):
-        ConversationEncoder(tokenizer, "chat_template", NUM_IMAGE_TOKENS).encode(CONVERSATION, "sample 7")
+        processor_for(tokenizer, "chat_template", NUM_IMAGE_TOKENS).encode_conversation(CONVERSATION, name="sample 7")
 
 
 def test_chat_template_rejection_is_a_template_error():
     tokenizer = llama_like("{{ raise_exception('no multi-turn here') }}")
     with pytest.raises(TemplateError, match="sample 1: .*no multi-turn here"):
-        ConversationEncoder(tokenizer, "chat_template", NUM_IMAGE_TOKENS).encode(CONVERSATION, "sample 1")
+        processor_for(tokenizer, "chat_template", NUM_IMAGE_TOKENS).encode_conversation(CONVERSATION, name="sample 1")
 
 
 def test_token_across_the_reply_boundary_is_an_error(world):
-    class SplitsAWord(ConversationTemplate):
-        def render(self, messages, tokenizer):
-            return [Segment("USER: the red squ", False), Segment("are.</s>", True)]
-
+    splits_a_word = "USER: the red squ{% generation %}are.</s>{% endgeneration %}"
     for tokenizer in (world, llama_like()):
         with pytest.raises(TemplateError, match="spans the boundary"):
-            ConversationEncoder(tokenizer, SplitsAWord(), NUM_IMAGE_TOKENS).encode(CONVERSATION, "x")
+            processor_for(tokenizer, splits_a_word, NUM_IMAGE_TOKENS).encode_conversation(CONVERSATION, name="x")
 
 
 def test_verify_labels_catches_shifted_and_fully_masked_labels(world):
-    encoded = ConversationEncoder(world, "vicuna_v1", NUM_IMAGE_TOKENS).encode(CONVERSATION)
+    encoded = processor_for(world, "vicuna_v1", NUM_IMAGE_TOKENS).encode_conversation(CONVERSATION)
     ids, labels, segments = encoded.input_ids, encoded.labels, encoded.segments
     shifted = [IGNORE_INDEX] + labels[:-1]  # one position late: labels no longer match their tokens
     with pytest.raises(LabelMismatchError, match="data.json record 4: label"):
@@ -201,16 +198,16 @@ def test_tokenizer_without_image_token_is_refused():
     vocab = llama_like().get_vocab()
     without = LlamaTokenizer(vocab={t: i for t, i in vocab.items() if t != IMAGE_TOKEN}, merges=[])
     with pytest.raises(ValueError, match="has no <image> token"):
-        ConversationEncoder(without, "vicuna_v1", NUM_IMAGE_TOKENS)
+        processor_for(without, "vicuna_v1", NUM_IMAGE_TOKENS)
     # In the vocabulary but not a special token: the pre-tokenizer cuts it into pieces.
     as_text = LlamaTokenizer(vocab=vocab, merges=[])
     with pytest.raises(ValueError, match="splits <image> into several tokens"):
-        ConversationEncoder(as_text, "vicuna_v1", NUM_IMAGE_TOKENS)
+        processor_for(as_text, "vicuna_v1", NUM_IMAGE_TOKENS)
 
 
 def test_unknown_template_names_the_known_ones():
-    with pytest.raises(KeyError, match="chat_template, plain, vicuna_v1"):
-        get_template("llama_2")
+    with pytest.raises(ValueError, match="chat_template, plain, vicuna_v1"):
+        resolve_chat_template("llama_2")
 
 
 def test_world_tokenizer_folder_loads_and_is_lossless(world, tmp_path):
@@ -232,11 +229,8 @@ def test_tokenizer_command_trains_on_a_world_folder(tmp_path):
                for i in range(3)]
     (world_dir / "train.json").write_text(json.dumps(records))
     (world_dir / "questions.jsonl").write_text(json.dumps({"question_id": 0, "text": "Is the octagon red?"}) + "\n")
-    parser = argparse.ArgumentParser()
-    register_tokenizer(parser.add_subparsers())
     out = tmp_path / "tok"
-    args = parser.parse_args(["tokenizer", "--world", str(world_dir), "--out", str(out), "--vocab-size", "600"])
-    assert args.func(args) == 0
+    assert cli.main(["data", "tokenizer", "--world", str(world_dir), "--out", str(out), "--vocab-size", "600"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(out)
     vocab = tokenizer.get_vocab()
     # Merges were learnt from both files' words; <image> stayed a single special token.

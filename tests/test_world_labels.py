@@ -11,7 +11,8 @@ import json
 import pytest
 
 from spatial_mllm.data.dataset import LlavaDataset
-from spatial_mllm.data.templates import IGNORE_INDEX, IMAGE_TOKEN
+from fixtures.llava_data import processor_for
+from spatial_mllm.model import IGNORE_INDEX, IMAGE_TOKEN
 from spatial_mllm.data.tokenizer import train_world_tokenizer, world_texts
 from spatial_mllm.data.world import make_world
 
@@ -51,7 +52,7 @@ def supervised_runs(input_ids, labels, tokenizer) -> list[str]:
 def test_every_record_is_supervised_on_exactly_its_answers(world, file, template, end):
     folder, tokenizer = world
     records = json.loads((folder / file).read_text())
-    dataset = LlavaDataset(folder / file, folder, tokenizer, template, NUM_IMAGE_TOKENS)
+    dataset = LlavaDataset(folder / file, folder, processor_for(tokenizer, template, NUM_IMAGE_TOKENS), load_images=False)
     assert len(dataset) == len(records) and not dataset.problems
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for index, record in enumerate(records):

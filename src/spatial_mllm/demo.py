@@ -175,17 +175,12 @@ def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> t
 
 
 def cache_features(out: Path, world: Path, clip: Path, layers: tuple[int, ...]):
-    from .model import image_processor_for, pad_to_square
+    from .model import ImageTransform, image_processor_for
     from .training.feature_cache import cache_vision_features
     from .vision import VisionTower
 
     tower = VisionTower.from_pretrained(str(clip))
-    image_processor = image_processor_for(str(clip))
-    fill = tuple(int(round(255 * m)) for m in image_processor.image_mean)
-
-    def transform(images):  # what SpatialMLLMProcessor.preprocess_images does, without needing a tokenizer
-        padded = [pad_to_square(image, fill) for image in images]
-        return image_processor(images=padded, return_tensors="pt")["pixel_values"]
+    transform = ImageTransform(image_processor_for(str(clip)))  # what the models' processors will do
 
     paths = []
     for split in ("train", "val", "test", "holdout"):
@@ -201,12 +196,10 @@ def instruct_mix(world: Path, out: Path, split: str = "train") -> Path:
     records = []
     for name in (f"llava_stage2_{split}.json", f"llava_stage1_{split}.json"):
         records += json.loads((world / name).read_text())
+    from .files import write_text
+
     mix = out / "data" / ("llava_stage2_mix.json" if split == "train" else f"llava_stage2_mix_{split}.json")
-    mix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = mix.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records))
-    tmp.replace(mix)
-    return mix
+    return write_text(mix, json.dumps(records))
 
 
 def stage_config(stage: str, plan: DemoPlan, out_dir: Path, train_json: Path, world: Path, seed: int, **fields: Any):
@@ -257,16 +250,17 @@ def train_stage(config, features) -> Path:
     model, processor = load_model(config)
     layers = model.vision_feature_layers
     del model
-    base = LlavaDataset(config.data.train_json, config.data.image_folder, processor.tokenizer, config.data.template,
-                        processor.num_image_tokens, None, config.data.max_length, config.data.overlong)
+    processor.use_template(config.data.template)
+    base = LlavaDataset(config.data.train_json, config.data.image_folder, processor, config.data.max_length,
+                        config.data.overlong, load_images=False)
     return train(config, CachedFeatureDataset(base, features, layers))
 
 
-def evaluate(model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str, out: Path) -> dict[str, Any]:
-    """`spatial-mllm eval` on the questions of the split's first `plan.eval_images` images; returns its scores."""
-    from .cli import main as cli_main
+def evaluate(model, processor, model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str,
+             out: Path) -> dict[str, Any]:
+    """The questions of the split's first `plan.eval_images` images, answered and scored; returns the scores."""
     from .data.world.make import split_files
-    from .evaluation.commands import scores_path
+    from .evaluation.evaluate import evaluate_questions
     from .evaluation.records import read_jsonl
 
     files = split_files(split)
@@ -277,46 +271,42 @@ def evaluate(model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str
         subsets[kind] = out / f"{split}_{kind}.jsonl"
         rows = [r for r in read_jsonl(world / files[kind]) if r["image"] in images]
         subsets[kind].write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    answers = out / f"{split}_answers.jsonl"
-    status = cli_main(["eval", "--model", str(model_dir), "--questions", str(subsets["questions"]), "--images",
-                       str(world), "--out", str(answers), "--answer-key", str(subsets["answer_key"]), "--name", name,
-                       "--batch-size", "32", "--max-new-tokens", "4", "--quiet"])
-    if status != 0:
-        raise RuntimeError(f"evaluation of {model_dir} on {split} failed (exit {status})")
-    return json.loads(scores_path(answers).read_text())
+    evaluation = evaluate_questions(
+        model, processor, subsets["questions"], world, out / f"{split}_answers.jsonl",
+        answer_key=subsets["answer_key"], name=name, model_dir=model_dir, batch_size=32, max_new_tokens=4,
+        progress=False,
+    )
+    return evaluation.scores
 
 
-def measure_latency(model, processor, template: str, world: Path, plan: DemoPlan) -> dict[str, float]:
+def measure_latency(model, processor, world: Path, plan: DemoPlan) -> dict[str, float]:
     """Prefill + 4 greedy tokens per sample, batch 1, from pixels (ViT included), median over samples."""
     from PIL import Image
 
-    from .data.templates import ConversationEncoder, Message
-
-    encoder = ConversationEncoder(processor.tokenizer, template, processor.num_image_tokens)
     paths = split_images(world, "test")[0][: plan.latency_samples]
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhere is the red circle?"}],
+                                           add_generation_prompt=True)
     times = []
     with torch.inference_mode():
         for path in paths:
-            ids = torch.tensor([encoder.encode_prompt([Message("user", "<image>\nWhere is the red circle?")])])
             with Image.open(world / path) as image:
-                pixels = processor.preprocess_images([image.convert("RGB")])
+                inputs = processor(images=[image.convert("RGB")], text=prompt)
             started = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                           max_new_tokens=4, min_new_tokens=4, do_sample=False,
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                            pad_token_id=processor.tokenizer.pad_token_id)
             times.append(time.perf_counter() - started)
     times.sort()
     return {"latency_ms_per_sample": 1000 * times[len(times) // 2]}
 
 
-def measure_image_reliance(model, processor, template: str, val_data: Path, world: Path, features) -> dict[str, Any]:
+def measure_image_reliance(model, processor, val_data: Path, world: Path, features) -> dict[str, Any]:
     """Held-out stage-2 loss with each sample's own image vs another's (see evaluation.image_reliance)."""
     from .data.dataset import LlavaDataset
     from .evaluation.image_reliance import image_reliance
     from .training.engine import make_collator
     from .training.feature_dataset import CachedFeatureDataset
 
-    base = LlavaDataset(val_data, world, processor.tokenizer, template, processor.num_image_tokens)
+    base = LlavaDataset(val_data, world, processor, load_images=False)
     dataset = CachedFeatureDataset(base, features, model.vision_feature_layers)
     return image_reliance(model, dataset, make_collator(processor)).to_dict()
 
@@ -324,7 +314,6 @@ def measure_image_reliance(model, processor, template: str, val_data: Path, worl
 def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip: Path, llm: Path,
                   tokenizer_dir: Path, features, plan: DemoPlan, seed: int) -> dict[str, Any]:
     from .evaluation.loading import load_for_inference
-    from .evaluation.runner import trained_template
 
     folder = out / name
     options = plan.projector_options.get(name, {})
@@ -334,9 +323,8 @@ def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip
                                       **model_fields), features)
     stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", data["train"], world, seed,
                                       **{"stage.init_from": stage1, "model.projector": None}), features)
-    # Loaded once for the facts, image reliance and latency; evaluation goes through `spatial-mllm eval` as a user's.
+    # Loaded once for the facts, image reliance, evaluation and latency.
     model, processor = load_for_inference(stage2)
-    template = trained_template(stage2)
     result: dict[str, Any] = {
         "name": name,
         "projector": name,
@@ -344,13 +332,13 @@ def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip
         "projector_parameters": sum(p.numel() for p in model.projector.parameters()),
         "final_loss_stage1": last_loss(stage1),
         "final_loss_stage2": last_loss(stage2),
-        "image_reliance": measure_image_reliance(model, processor, template, data["val"], world, features),
+        "image_reliance": measure_image_reliance(model, processor, data["val"], world, features),
     }
     for split in ("test", "holdout"):
-        scores = evaluate(stage2, world, split, plan, name, folder / "eval")
+        scores = evaluate(model, processor, stage2, world, split, plan, name, folder / "eval")
         result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered", "tokens_per_second")}
     result.update(result["test"])  # the report's main columns are the test split's
-    result.update(measure_latency(model, processor, template, world, plan))
+    result.update(measure_latency(model, processor, world, plan))
     return result
 
 

@@ -6,7 +6,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from .templates import IGNORE_INDEX
+from ..model.conversation import IGNORE_INDEX
 
 
 class DataCollator:

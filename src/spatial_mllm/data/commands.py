@@ -1,20 +1,18 @@
-"""`spatial-mllm data ...`: making and checking data sets."""
+"""`spatial-mllm data ...`: making and checking data sets (argument parsing and printing only)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .check import register_check
-from .tokenizer import register_tokenizer
-from .world.make import make_world
+from ..model.chat_templates import template_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="make and check data sets")
     data_subparsers = data.add_subparsers(dest="data_command", required=True)
     _register_make_world(data_subparsers)
-    register_check(data_subparsers)
-    register_tokenizer(data_subparsers)
+    _register_check(data_subparsers)
+    _register_tokenizer(data_subparsers)
 
 
 def _register_make_world(data_subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +39,8 @@ def _register_make_world(data_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make_world(args: argparse.Namespace) -> int:
+    from .world.make import make_world
+
     manifest = make_world(
         args.out,
         seed=args.seed,
@@ -56,4 +56,53 @@ def _make_world(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
     print(f"world written to {args.out}: {counts} images")
+    return 0
+
+
+def _register_check(data_subparsers: argparse._SubParsersAction) -> None:
+    parser = data_subparsers.add_parser("check", help="report every problem of a LLaVA JSON file without training")
+    parser.add_argument("file", help="LLaVA JSON file (a list of records)")
+    parser.add_argument("--images", help="image folder the records' paths are relative to (default: the file's folder)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model folder: also render, tokenise and verify each record with its processor")
+    source.add_argument("--tokenizer", help="tokenizer folder: the same, with --template and --num-image-tokens")
+    parser.add_argument("--template", choices=template_names(),
+                        help="conversation template (default: the model's; with --tokenizer, vicuna_v1)")
+    parser.add_argument("--num-image-tokens", type=int, default=1,
+                        help="tokens per image, with --tokenizer (default 1; needed for --max-length)")
+    parser.add_argument("--max-length", type=int, help="also report records that cannot fit this many tokens")
+    parser.add_argument("--overlong", choices=["truncate", "drop"], default="truncate")
+    parser.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import check_file, processor_for_checks
+
+    processor = None
+    if args.model or args.tokenizer:
+        processor, note = processor_for_checks(args.model, args.tokenizer, args.template, args.num_image_tokens)
+        if note:
+            print(f"note: {note}")
+    result = check_file(args.file, args.images, processor, args.max_length, args.overlong, progress=True)
+    for problem in result.problems:
+        print(problem)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _register_tokenizer(data_subparsers: argparse._SubParsersAction) -> None:
+    parser = data_subparsers.add_parser(
+        "tokenizer", help="train the built-in world's tokenizer (byte-level BPE, <image>, vicuna chat template)"
+    )
+    parser.add_argument("--world", required=True, help="folder of a generated world (LLaVA JSON / JSONL files)")
+    parser.add_argument("--out", required=True, help="folder to save the tokenizer to")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.set_defaults(func=_tokenizer)
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_world_tokenizer, world_texts
+
+    tokenizer = train_world_tokenizer(world_texts(args.world), args.out, vocab_size=args.vocab_size)
+    print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out}")
     return 0

@@ -28,21 +28,24 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase
+from ..model.configuration import IMAGE_TOKEN
+from ..model.conversation import IGNORE_INDEX
 
-from .templates import IGNORE_INDEX, IMAGE_TOKEN, ConversationEncoder, ConversationTemplate, Message
+if TYPE_CHECKING:
+    from ..model.processing import SpatialMLLMProcessor
 
 logger = logging.getLogger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-ImageTransform = Callable[[Image.Image], torch.Tensor]
 Overlong = Literal["truncate", "drop"]
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
+ConversationCheck = Callable[[list[Message]], "str | None"]  # why a template cannot render messages, or None
 
 
 class ProblemKind(StrEnum):
@@ -88,13 +91,13 @@ class Record:
     messages: tuple[Message, ...]
 
     def to_json(self) -> bytes:
-        turns = [[m.role, m.content] for m in self.messages]
+        turns = [[m["role"], m["content"]] for m in self.messages]
         return json.dumps([self.index, self.id, list(self.images), turns]).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Record:
         index, record_id, images, turns = json.loads(data)
-        return cls(index, record_id, tuple(images), tuple(Message(role, content) for role, content in turns))
+        return cls(index, record_id, tuple(images), tuple({"role": r, "content": c} for r, c in turns))
 
 
 def read_records(json_path: str | os.PathLike) -> list[Any]:
@@ -115,9 +118,11 @@ def read_records(json_path: str | os.PathLike) -> list[Any]:
 
 
 def normalize_record(
-    raw: Any, index: int, file: str, image_folder: Path, template: ConversationTemplate
+    raw: Any, index: int, file: str, image_folder: Path, check_conversation: ConversationCheck | None = None
 ) -> Record | DataProblem:
-    """The record in normalised form, or its first problem (checks are cheap: no image is opened)."""
+    """The record in normalised form, or its first problem (checks are cheap: no image is opened).
+
+    check_conversation: the processor's `check_conversation`, reporting what its template cannot render."""
 
     def problem(field: str | None, message: str, kind: ProblemKind) -> DataProblem:
         return DataProblem(file, index, field, message, kind)
@@ -152,7 +157,7 @@ def normalize_record(
             return problem(f"{field}.value", f"must be a string, found {found}", ProblemKind.MALFORMED_CONVERSATION)
         if not value.strip():
             return problem(f"{field}.value", "is empty", ProblemKind.MALFORMED_CONVERSATION)
-        messages.append(Message(role, value))
+        messages.append({"role": role, "content": value})
 
     order_problem = _order_problem(messages)
     if order_problem is not None:
@@ -160,10 +165,10 @@ def normalize_record(
 
     placeholders = 0
     for i, message in enumerate(messages):
-        count = message.content.count(IMAGE_TOKEN)
+        count = message["content"].count(IMAGE_TOKEN)
         field = f"conversations[{i}].value"
-        if count and message.role != "user":
-            message_text = f"{IMAGE_TOKEN} placeholder in a {message.role} turn"
+        if count and message["role"] != "user":
+            message_text = f"{IMAGE_TOKEN} placeholder in a {message['role']} turn"
             return problem(field, message_text, ProblemKind.PLACEHOLDER_MISMATCH)
         if count and not images:
             return problem(field, f"{IMAGE_TOKEN} placeholder but no 'image'", ProblemKind.PLACEHOLDER_MISMATCH)
@@ -172,7 +177,9 @@ def normalize_record(
         message = f"{len(images)} image(s) given but the text has {placeholders} {IMAGE_TOKEN} placeholder(s)"
         return problem("image", message, ProblemKind.PLACEHOLDER_MISMATCH)
 
-    template_problem = template.check(messages)
+    if len(images) == 1:
+        messages = [_image_first(m) if IMAGE_TOKEN in m["content"] else m for m in messages]
+    template_problem = check_conversation(messages) if check_conversation is not None else None
     if template_problem is not None:
         return problem("conversations", template_problem, ProblemKind.TEMPLATE)
 
@@ -180,39 +187,37 @@ def normalize_record(
         if not (image_folder / image).is_file():
             return problem("image", f"file not found: {image} (looked in {image_folder})", ProblemKind.MISSING_IMAGE)
 
-    if len(images) == 1:
-        messages = [_image_first(m) if IMAGE_TOKEN in m.content else m for m in messages]
     return Record(index, raw.get("id", index), tuple(images), tuple(messages))
 
 
 def _order_problem(messages: list[Message]) -> str | None:
-    turns = messages[1:] if messages[0].role == "system" else messages
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
     if not turns:
         return "has no user or assistant turn"
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
-        if message.role != expected:
+        if message["role"] != expected:
             position = i + len(messages) - len(turns)
-            return f"turn {position} is {message.role!r} where {expected!r} was expected (user and assistant alternate)"
-    if turns[-1].role != "assistant":
+            return f"turn {position} is {message['role']!r} where {expected!r} was expected (user and assistant alternate)"
+    if turns[-1]["role"] != "assistant":
         return "ends with a user turn; the last turn must be the assistant's answer"
     return None
 
 
 def _image_first(message: Message) -> Message:
-    rest = message.content.replace(IMAGE_TOKEN, "").strip()
-    return Message(message.role, f"{IMAGE_TOKEN}\n{rest}" if rest else IMAGE_TOKEN)
+    rest = message["content"].replace(IMAGE_TOKEN, "").strip()
+    return {"role": message["role"], "content": f"{IMAGE_TOKEN}\n{rest}" if rest else IMAGE_TOKEN}
 
 
 def scan_file(
-    json_path: str | os.PathLike, image_folder: Path, template: ConversationTemplate, strict: bool
+    json_path: str | os.PathLike, image_folder: Path, check_conversation: ConversationCheck | None, strict: bool
 ) -> tuple[list[Record], list[DataProblem]]:
     """All records that pass the cheap checks, and the problems of the others (strict: raise at the first)."""
     file = os.fspath(json_path)
     records: list[Record] = []
     problems: list[DataProblem] = []
     for index, raw in enumerate(read_records(json_path)):
-        result = normalize_record(raw, index, file, image_folder, template)
+        result = normalize_record(raw, index, file, image_folder, check_conversation)
         if isinstance(result, Record):
             records.append(result)
         elif strict:
@@ -259,36 +264,35 @@ def fit_length(
 
 
 class LlavaDataset(Dataset):
-    """Samples of a LLaVA JSON file: dict(input_ids, labels, pixel_values, id).
+    """Samples of a LLaVA JSON file: dict(input_ids, labels, pixel_values, id, images), made by the model's processor.
 
-    pixel_values is (num_images, 3, H, W) from `image_transform` (for the model's processor:
-    `lambda image: processor.preprocess_images([image])[0]`), or None for a record without image, and for every
-    record when image_transform is None (text-only use: images are not opened, input_ids still hold the image
-    tokens). image_folder None means the folder of the JSON file. Problems are in `problems`; `report()` sums them.
+    pixel_values is (num_images, 3, H, W) from `processor.image_transform`, or None for a record without image, and
+    for every record when `load_images` is False (images served otherwise, e.g. as cached ViT features: files are
+    not opened, input_ids still hold the image tokens). image_folder None means the folder of the JSON file.
+    Problems are in `problems`; `report()` sums them.
     """
 
     def __init__(
         self,
         json_path: str | os.PathLike,
         image_folder: str | os.PathLike | None,
-        tokenizer: PreTrainedTokenizerBase,
-        template: str | ConversationTemplate,
-        num_image_tokens: int,
-        image_transform: ImageTransform | None = None,
+        processor: SpatialMLLMProcessor,
         max_length: int = 2048,
         overlong: Overlong = "truncate",
         strict: bool = False,
+        load_images: bool = True,
     ):
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
         self.file = os.fspath(json_path)
         self.image_folder = Path(image_folder) if image_folder is not None else Path(json_path).parent
-        self.encoder = ConversationEncoder(tokenizer, template, num_image_tokens)
-        self.image_transform = image_transform
+        self.processor = processor
+        self.load_images = load_images
         self.max_length = max_length
         self.overlong = overlong
         self.strict = strict
-        records, self.problems = scan_file(json_path, self.image_folder, self.encoder.template, strict)
+        processor.encoder  # the template and tokenizer must fit before the file is read
+        records, self.problems = scan_file(json_path, self.image_folder, processor.check_conversation, strict)
         self.num_records = len(records) + len(self.problems)
         # One bytes blob + offsets instead of a list of Python objects: DataLoader workers share it without
         # copy-on-write growth (reading a Python object touches its refcount and copies its memory page).
@@ -329,16 +333,15 @@ class LlavaDataset(Dataset):
         (always raised: they mean the template and tokenizer do not fit) for a mismatch."""
         record = self.record(i)
         name = f"{self.file} record {record.index}"
-        encoded = self.encoder.encode(record.messages, name)
-        image_id = self.encoder.image_token_id
+        encoded = self.processor.encode_conversation(record.messages, name=name)
+        image_id = self.processor.image_token_id
         fitted = fit_length(encoded.input_ids, encoded.labels, image_id, self.max_length, self.overlong)
         if isinstance(fitted, str):
             raise DataError(DataProblem(self.file, record.index, "conversations", fitted, ProblemKind.OVERLONG))
         input_ids, labels = fitted
         pixel_values = None
-        if record.images and self.image_transform is not None:
-            images = load_images(record, self.image_folder, self.file)
-            pixel_values = torch.stack([self._transform(image, name) for image in images])
+        if record.images and self.load_images:
+            pixel_values = self.processor.image_transform(load_images(record, self.image_folder, self.file))
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
@@ -346,16 +349,6 @@ class LlavaDataset(Dataset):
             "id": record.id,
             "images": record.images,  # relative paths, so cached ViT features can stand in for pixel_values
         }
-
-    def _transform(self, image: Image.Image, name: str) -> torch.Tensor:
-        tensor = self.image_transform(image)
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] != 3:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(
-                f"{name}: image_transform must return a (3, H, W) tensor, returned {shape}; for a processor use "
-                "lambda image: processor.preprocess_images([image])[0]"
-            )
-        return tensor
 
     def problem_counts(self) -> Counter[str]:
         return Counter(str(p.kind) for p in self.problems)

@@ -7,7 +7,6 @@ template renders exactly the `vicuna_v1` format, so the `vicuna_v1` and `chat_te
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -16,23 +15,10 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .templates import IMAGE_TOKEN, VICUNA_SYSTEM
+from ..model.chat_templates import VICUNA_SYSTEM, VICUNA_V1
+from ..model.configuration import IMAGE_TOKEN
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
-
-VICUNA_CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}{%- set system = " + json.dumps(VICUNA_SYSTEM) + " -%}{%- set turns = messages -%}{%- endif -%}"
-    "{{- system + ' ' -}}"
-    "{%- for message in turns -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + message['content'] + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + message['content'] + eos_token -}}"
-    "{%- else -%}{{- raise_exception('roles after the system message must be user or assistant') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
-
 
 def train_world_tokenizer(
     texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 2048
@@ -68,7 +54,7 @@ def train_world_tokenizer(
         pad_token="<pad>",
         extra_special_tokens=[IMAGE_TOKEN],
     )
-    tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+    tokenizer.chat_template = VICUNA_V1
     tokenizer.save_pretrained(out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
 
@@ -101,17 +87,4 @@ def _load_json(path: Path, text: str, line: int) -> object:
         raise ValueError(f"{path}: not valid JSON at {where}: {err.msg}") from None
 
 
-def register_tokenizer(data_subparsers: argparse._SubParsersAction) -> None:
-    parser = data_subparsers.add_parser(
-        "tokenizer", help="train the built-in world's tokenizer (byte-level BPE, <image>, vicuna chat template)"
-    )
-    parser.add_argument("--world", required=True, help="folder of a generated world (LLaVA JSON / JSONL files)")
-    parser.add_argument("--out", required=True, help="folder to save the tokenizer to")
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.set_defaults(func=_run_tokenizer)
-
-
-def _run_tokenizer(args: argparse.Namespace) -> int:
-    tokenizer = train_world_tokenizer(world_texts(args.world), args.out, vocab_size=args.vocab_size)
-    print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out}")
-    return 0
+__all__ = ["SPECIAL_TOKENS", "train_world_tokenizer", "world_texts"]

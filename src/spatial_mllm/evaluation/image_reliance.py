@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data.templates import IGNORE_INDEX
+from ..model.conversation import IGNORE_INDEX
 from ..training.batches import move_batch
 
 IMAGE_KEYS = ("pixel_values", "vision_features")

@@ -29,18 +29,17 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data.templates import IGNORE_INDEX, IMAGE_TOKEN, ConversationEncoder, Message, Segment
+from ..model import IGNORE_INDEX, IMAGE_TOKEN, Segment
 from .loading import load_for_inference
-from .runner import generate_batch, trained_template
+from .runner import generate_batch
 
 MODEL_ID = "spatial_mllm"  # the name given to lmms-eval's --model
 
 
 @dataclass(frozen=True)
 class _Prompt:
-    input_ids: list[int]
+    text: str  # rendered by the processor's chat template, `<image>` placeholders in it
     images: list[Image.Image]
 
 
@@ -53,25 +52,10 @@ class _Generation:
 
 @dataclass(frozen=True)
 class _Scoring:
-    prompt: _Prompt  # context and continuation, tokenised together as the template joins them
+    input_ids: list[int]  # context and continuation, tokenised together as the template joins them
+    images: list[Image.Image]
     start: int  # continuation tokens: input_ids[start:end]
     end: int
-
-
-class StopOnStrings(StoppingCriteria):
-    """Stops each row once its generated text contains one of that row's stop strings."""
-
-    def __init__(self, tokenizer, stops: Sequence[Sequence[str]], prompt_width: int):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.prompt_width = prompt_width  # generated tokens start after the (left-padded) prompts
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
-        done = []
-        for row, stops in zip(input_ids[:, self.prompt_width :].tolist(), self.stops):
-            text = self.tokenizer.decode(row, skip_special_tokens=True) if stops else ""
-            done.append(any(stop in text for stop in stops))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -85,7 +69,7 @@ class SpatialMLLMLmms:
     """lmms-eval's model contract for a spatial-mllm folder; greedy decoding, batched.
 
     model_args: pretrained=DIR (required), device (default cuda:LOCAL_RANK when a GPU is there), dtype (float32,
-    bfloat16, float16; default: as saved), template (default: the one the model was trained with, else vicuna_v1),
+    bfloat16, float16; default: as saved), template (default: the processor's own, the one it was trained with),
     max_new_tokens (when a task gives none; default 256). batch_size and max_batch_size come from lmms-eval's
     --batch_size / --max_batch_size; "auto" batch sizes are not supported.
     """
@@ -118,8 +102,8 @@ class SpatialMLLMLmms:
         self.device = device or _default_device()
         self.model, self.processor = load_for_inference(pretrained, _torch_dtype(dtype), self.device)
         self.tokenizer = self.processor.tokenizer
-        self.template = template or trained_template(Path(pretrained))
-        self.encoder = ConversationEncoder(self.tokenizer, self.template, self.processor.num_image_tokens)
+        if template is not None:
+            self.processor.use_template(template)
         self.task_dict: dict[str, Any] = {}
 
     # --- generate_until -----------------------------------------------------------------------------------------
@@ -136,8 +120,9 @@ class SpatialMLLMLmms:
         where = f"task {task!r} doc {doc_id}"
         until, max_new_tokens = self._generation_settings(gen_kwargs, where)
         images = self._visuals(doc_to_visual, doc_id, task, split, where)
-        input_ids = self.encoder.encode_prompt([Message("user", _user_content(context, len(images), where))])
-        return _Generation(_Prompt(input_ids, images), until, max_new_tokens)
+        user = {"role": "user", "content": _user_content(context, len(images), where)}
+        text = self.processor.apply_chat_template([user], add_generation_prompt=True)
+        return _Generation(_Prompt(text, images), until, max_new_tokens)
 
     def _generation_settings(self, gen_kwargs: Mapping[str, Any] | None, where: str) -> tuple[tuple[str, ...], int]:
         gen_kwargs = gen_kwargs or {}
@@ -154,18 +139,13 @@ class SpatialMLLMLmms:
         return tuple(until), max_new_tokens
 
     def _generate(self, jobs: list[_Generation]) -> list[str]:
-        prompts = [job.prompt.input_ids for job in jobs]
-        stops = [job.until for job in jobs]
-        criteria = None
-        if any(stops):
-            criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, stops, max(map(len, prompts)))])
         continuations = generate_batch(
             self.model,
             self.processor,
-            prompts,
+            [job.prompt.text for job in jobs],
             [image for job in jobs for image in job.prompt.images],
             max(job.max_new_tokens for job in jobs),
-            criteria,
+            [job.until for job in jobs],
         )
         answers = []
         for job, continuation in zip(jobs, continuations):
@@ -203,28 +183,27 @@ class SpatialMLLMLmms:
         if not isinstance(continuation, str) or not continuation.strip():
             raise ValueError(f"{where}: the continuation must be non-empty text, got {continuation!r}")
         reply = continuation.strip()
-        user = Message("user", _user_content(context, len(images), where))
-        rendered = self.encoder.template.render([user, Message("assistant", reply)], self.tokenizer)
-        # Tokenised in one pass and labelled by character offsets, as for training: exact, and a token that
-        # straddles the reply and the end of turn is an error rather than a silent misalignment.
-        input_ids, labels = self.encoder._tokenize(_scored_segments(rendered, reply), where)
+        user = {"role": "user", "content": _user_content(context, len(images), where)}
+        rendered = self.processor.conversation_segments([user, {"role": "assistant", "content": reply}], where)
+        # Tokenised as for training and labelled by character offsets: exact, and a token that straddles the reply
+        # and the end of turn is an error rather than a silent misalignment.
+        input_ids, labels = self.processor.tokenize_segments(_scored_segments(rendered, reply), where)
         scored = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
         if not scored:
             raise ValueError(f"{where}: the continuation {continuation!r} gives no tokens to score")
-        return _Scoring(_Prompt(input_ids, images), scored[0], scored[-1] + 1)
+        return _Scoring(input_ids, images, scored[0], scored[-1] + 1)
 
     @torch.inference_mode()
     def _score(self, jobs: list[_Scoring]) -> list[tuple[float, bool]]:
         # Left padding puts every row's end at the same place, so only the last `keep` logits are needed.
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        rows = [job.prompt.input_ids for job in jobs]
+        rows = [job.input_ids for job in jobs]
         width = max(len(row) for row in rows)
         keep = max(len(row) - job.start + 1 for row, job in zip(rows, jobs))
-        input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
-        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+        padded = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        images = [image for job in jobs for image in job.prompt.images]
-        pixel_values = self.processor.preprocess_images(images).to(self.model.device) if images else None
+        images = [image for job in jobs for image in job.images]
+        pixel_values = self.processor.image_transform(images).to(self.model.device) if images else None
         logits = self.model(
             input_ids=input_ids.to(self.model.device),
             attention_mask=attention_mask.to(self.model.device),
@@ -235,9 +214,9 @@ class SpatialMLLMLmms:
         results = []
         for index, job in enumerate(jobs):
             # Token at sequence position p is predicted by the logits at p - 1; kept logits start at width - keep.
-            shift = width - len(job.prompt.input_ids) - (width - keep) - 1
+            shift = width - len(job.input_ids) - (width - keep) - 1
             predictors = torch.arange(job.start, job.end) + shift
-            targets = torch.tensor(job.prompt.input_ids[job.start : job.end])
+            targets = torch.tensor(job.input_ids[job.start : job.end])
             row_logits = logits[index, predictors.to(logits.device)].cpu()
             logprob = row_logits.log_softmax(-1).gather(-1, targets[:, None]).sum().item()
             results.append((float(logprob), bool((row_logits.argmax(-1) == targets).all())))
@@ -338,4 +317,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MODEL_ID", "SpatialMLLMLmms", "StopOnStrings", "cut_at_stop", "lmms_eval_manifest"]
+__all__ = ["MODEL_ID", "SpatialMLLMLmms", "cut_at_stop", "lmms_eval_manifest"]

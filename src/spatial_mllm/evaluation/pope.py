@@ -69,6 +69,17 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     }
 
 
+def pope_label(question: Mapping[str, Any], where: str) -> str:
+    """A POPE question's label ("yes"/"no"), after checking it and the split it belongs to (`category`)."""
+    label = require_text(question, "label", where).strip().lower()
+    if label not in ("yes", "no"):
+        raise ValueError(f"{where}: field 'label' must be 'yes' or 'no', got {question['label']!r}")
+    split = question.get("category")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"{where}: field 'category' (the POPE split) must be a non-empty string, got {split!r}")
+    return label
+
+
 def score_pope(
     questions: list[Mapping[str, Any]],
     answers: list[Mapping[str, Any]],
@@ -83,10 +94,8 @@ def score_pope(
     by_split: dict[str, tuple[list[str], list[str]]] = {}
     for index, question, answer in pair_with_answers(questions, answers, questions_source, answers_source):
         where = f"{questions_source} record {index}"
-        label = require_text(question, "label", where).strip().lower()
-        if label not in ("yes", "no"):
-            raise ValueError(f"{where}: field 'label' must be 'yes' or 'no', got {question['label']!r}")
-        split = require_text(question, "category", where)
+        label = pope_label(question, where)
+        split = question["category"]
         text = require_text(answer, "text", f"{answers_source}, answer to question_id {question['question_id']!r}")
         predictions, labels = by_split.setdefault(split, ([], []))
         predictions.append(parse_yes_no(text))

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
-from transformers import StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data.templates import IMAGE_TOKEN, ConversationEncoder, Message
-from ..model import RUN_INFO_FILE  # written beside a trained model: template and prompt conventions
+from ..model.configuration import IMAGE_TOKEN
 from .records import jsonl_lines
 
 
@@ -118,48 +117,51 @@ def _unreadable_image(path: Path) -> str | None:
         return f"not a readable image: {path} ({err})"
 
 
-def run_info(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / RUN_INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-DEFAULT_TEMPLATE = "vicuna_v1"  # for a model folder whose run recorded no template
-
-
-def trained_template(model_dir: Path, info: dict[str, Any] | None = None) -> str:
-    """The conversation template the model was trained with (from its run info), else DEFAULT_TEMPLATE."""
-    return (run_info(model_dir) if info is None else info).get("template", DEFAULT_TEMPLATE)
-
-
 def answer_id(model_id: str, question_id: Any) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{question_id}").hex
+
+
+class StopOnStrings(StoppingCriteria):
+    """Stops each row once its generated text contains one of that row's stop strings."""
+
+    def __init__(self, tokenizer, stops: Sequence[Sequence[str]], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_width = prompt_width  # generated tokens start after the (left-padded) prompts
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
+        done = []
+        for row, stops in zip(input_ids[:, self.prompt_width :].tolist(), self.stops):
+            text = self.tokenizer.decode(row, skip_special_tokens=True) if stops else ""
+            done.append(any(stop in text for stop in stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 @torch.inference_mode()
 def generate_batch(
     model,
     processor,
-    prompts: Sequence[list[int]],
+    prompts: Sequence[str],
     images: Sequence[Image.Image],
     max_new_tokens: int,
-    stopping_criteria: StoppingCriteriaList | None = None,
+    stop_strings: Sequence[Sequence[str]] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation token ids of each prompt, through its first end-of-sequence token, without padding.
+    """Greedy continuation token ids of each rendered prompt, through its first end-of-sequence token, unpadded.
 
-    `prompts` hold expanded image tokens (ConversationEncoder); `images` are all the batch's images in the order
-    their placeholders appear. Rows are left-padded and masked; generation positions come from the mask.
+    `prompts` are texts from `processor.apply_chat_template` (with `<image>` placeholders); `images` are all the
+    batch's images in placeholder order. The processor left-pads and masks; generation positions come from the mask.
+    `stop_strings`: per prompt, texts that end its generation once they appear (the batch stops when every row has).
     """
     tokenizer = processor.tokenizer
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(prompt)) + list(prompt) for prompt in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts])
-    pixel_values = processor.preprocess_images(list(images)).to(model.device) if images else None
+    inputs = processor(images=list(images) or None, text=list(prompts), padding=True, padding_side="left")
+    width = inputs["input_ids"].shape[1]
+    stopping_criteria = None
+    if stop_strings and any(stop_strings):
+        stopping_criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, width)])
     output = model.generate(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention_mask.to(model.device),
-        pixel_values=pixel_values,
+        **{key: value.to(model.device) for key, value in inputs.items()},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
@@ -194,27 +196,29 @@ def generate_answers(
     processor,
     questions: list[Question],
     image_folder: Path | None,
-    template: str,
     batch_size: int = 8,
     max_new_tokens: int = 16,
     suffix: str = "",
     progress: bool = True,
 ) -> tuple[list[str], list[str], int]:
-    """Greedy answers (and the prompts used) for each question, in order, and the number of tokens generated."""
+    """Greedy answers (and the user turns asked) for each question, in order, and the number of tokens generated.
+    Prompts are the processor's chat template around each question."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokenizer = processor.tokenizer
-    encoder = ConversationEncoder(tokenizer, template, processor.num_image_tokens)
     answers, prompts, new_tokens = [], [], 0
     with tqdm(total=len(questions), desc="eval", unit="q", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
             contents = [question_prompt(q, suffix) for q in chunk]
-            rows = [encoder.encode_prompt([Message("user", content)]) for content in contents]
+            rendered = [
+                processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+                for content in contents
+            ]
             pictures = [load_image(image_folder / q.image) for q in chunk if q.image is not None]
-            for continuation in generate_batch(model, processor, rows, pictures, max_new_tokens):
+            for continuation in generate_batch(model, processor, rendered, pictures, max_new_tokens):
                 new_tokens += len(continuation)
                 answers.append(tokenizer.decode(continuation, skip_special_tokens=True).strip())
             prompts += contents
@@ -222,42 +226,26 @@ def generate_answers(
     return answers, prompts, new_tokens
 
 
-def evaluate_file(
-    model_dir: str | Path,
-    questions_file: str | Path,
+def answer_questions(
+    model,
+    processor,
+    questions: list[Question],
     image_folder: str | Path | None,
     out_file: str | Path,
+    model_id: str,
     batch_size: int = 8,
     max_new_tokens: int = 16,
-    template: str | None = None,
     suffix: str = "",
-    strict: bool = False,
-    model=None,
-    processor=None,
     progress: bool = True,
 ) -> EvalResult:
-    """Answers a question file and writes the answers JSONL; `model`/`processor` may be passed already loaded.
-
-    Lines that cannot be answered (bad JSON, missing fields, missing or unreadable image) are printed to stderr with
-    their file and line before generation starts and skipped; with `strict` the first one raises ValueError.
-    """
-    from .loading import load_for_inference
-
-    model_dir = Path(model_dir)
+    """Answers the questions and writes LLaVA's answers JSONL to `out_file` (atomically)."""
     folder = Path(image_folder) if image_folder is not None else None
-    questions, problems = read_questions(Path(questions_file), folder, strict)
-    for found in problems:
-        print(f"skipped: {found}", file=sys.stderr)
-    if model is None:
-        model, processor = load_for_inference(model_dir)
-    info = run_info(model_dir)
-    template = template or trained_template(model_dir, info)
     started = time.perf_counter()
     answers, prompts, new_tokens = generate_answers(
-        model, processor, questions, folder, template, batch_size, max_new_tokens, suffix, progress
+        model, processor, questions, folder, batch_size, max_new_tokens, suffix, progress
     )
     seconds = time.perf_counter() - started
-    model_id = info.get("model_id", model_dir.name)
+    template = processor.template
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(out_file.suffix + ".tmp")
@@ -273,15 +261,15 @@ def evaluate_file(
             }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out_file)
-    return EvalResult(out_file, len(questions), problems, seconds, new_tokens, questions, template)
+    return EvalResult(out_file, len(questions), [], seconds, new_tokens, questions, template)
 
 
 __all__ = [
     "EvalResult",
     "Question",
+    "StopOnStrings",
     "QuestionProblem",
-    "RUN_INFO_FILE",
-    "evaluate_file",
+    "answer_questions",
     "generate_answers",
     "generate_batch",
     "question_prompt",

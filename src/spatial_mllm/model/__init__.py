@@ -4,7 +4,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration import IMAGE_TOKEN, RUN_INFO_FILE, SpatialMLLMConfig
 from .modeling import SpatialMLLMForConditionalGeneration
-from .processing import SpatialMLLMProcessor, pad_to_square
+from .chat_templates import CHAT_TEMPLATES, PLAIN, VICUNA_SYSTEM, VICUNA_V1, template_names
+from .conversation import IGNORE_INDEX, LabelMismatchError, Segment, TemplateError
+from .image_transform import ImageTransform, pad_to_square
+from .processing import SpatialMLLMProcessor
 from .builder import add_image_token, build_model, image_processor_for
 
 AutoConfig.register(SpatialMLLMConfig.model_type, SpatialMLLMConfig, exist_ok=True)
@@ -12,13 +15,23 @@ AutoModelForImageTextToText.register(SpatialMLLMConfig, SpatialMLLMForConditiona
 AutoProcessor.register(SpatialMLLMConfig, SpatialMLLMProcessor, exist_ok=True)
 
 __all__ = [
+    "CHAT_TEMPLATES",
+    "IGNORE_INDEX",
     "IMAGE_TOKEN",
+    "ImageTransform",
+    "LabelMismatchError",
+    "PLAIN",
     "RUN_INFO_FILE",
+    "Segment",
     "SpatialMLLMConfig",
     "SpatialMLLMForConditionalGeneration",
     "SpatialMLLMProcessor",
+    "TemplateError",
+    "VICUNA_SYSTEM",
+    "VICUNA_V1",
     "add_image_token",
     "build_model",
     "image_processor_for",
     "pad_to_square",
+    "template_names",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
-from ..vision.tower import VisionTower, backbone_of
+from ..vision.tower import VisionTower, backbone_of, vision_config_of
 from .configuration import IMAGE_TOKEN, SpatialMLLMConfig
 from .modeling import SpatialMLLMForConditionalGeneration
 from .processing import SpatialMLLMProcessor
@@ -17,7 +17,7 @@ def image_processor_for(vision: str | PreTrainedConfig):
         try:
             return transformers.AutoImageProcessor.from_pretrained(vision)
         except OSError:
-            vision = VisionTower.from_pretrained(vision).config
+            vision = vision_config_of(transformers.AutoConfig.from_pretrained(vision))
     processor_class = getattr(transformers, backbone_of(vision).image_processor_class)
     side = vision.image_size
     if backbone_of(vision).has_cls_token:  # CLIP: resize the short side, then centre-crop
@@ -41,8 +41,13 @@ def build_model(
     projector_type: str = "mlp2x_gelu",
     projector_options: dict | None = None,
     dtype=None,
+    chat_template: str | None = None,
 ) -> tuple[SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor]:
-    """A model and its processor from pretrained (name or folder) or config-built vision tower and LLM."""
+    """A model and its processor from pretrained (name or folder) or config-built vision tower and LLM.
+
+    chat_template: a template name (`vicuna_v1`, `plain`, `chat_template`) or Jinja text; default: the tokenizer's
+    own when it has one, else `vicuna_v1`.
+    """
     tower = VisionTower.from_pretrained(vision) if isinstance(vision, str) else VisionTower.from_config(vision)
     lm = (
         AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
@@ -69,6 +74,7 @@ def build_model(
         image_processor_for(vision if isinstance(vision, str) else tower.config),
         tokenizer,
         num_image_tokens=model.num_image_tokens,
+        chat_template=chat_template,
     )
     return model, processor
 

@@ -30,6 +30,9 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import files
+from ..files import write_json
+
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
@@ -132,10 +135,6 @@ def rng_part(rank: int) -> str:
 # --- folders ---------------------------------------------------------------------------------------------------------
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
-
-
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
@@ -149,31 +148,10 @@ def staging_folder(output_dir: str | Path, step: int) -> Path:
     return checkpoint_root(output_dir) / f".tmp-{step_folder_name(step)}"
 
 
-def fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def publish(staging: Path) -> Path:
-    """Makes a fully written staging folder durable and visible under its final name, atomically."""
-    final = staging.parent / staging.name.removeprefix(".tmp-")
-    fsync_tree(staging)
-    if final.exists():  # a run resumed from an older checkpoint rewrites the later ones
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    fsync_dir(staging.parent)
-    return final
+    """Makes a fully written staging folder durable and visible under its final name, atomically (a run resumed
+    from an older checkpoint rewrites the later ones)."""
+    return files.publish(staging)
 
 
 def is_complete(folder: Path) -> bool:

@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -58,16 +57,6 @@ RESUME_FREE_KEYS = {
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss or the gradient norm is NaN or infinite."""
-
-
-class ImageTransform:
-    """PIL image -> (3, H, W) tensor through the processor (a class, not a lambda, so DataLoader workers can pickle it)."""
-
-    def __init__(self, processor: SpatialMLLMProcessor):
-        self.processor = processor
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor.preprocess_images([image])[0]
 
 
 # --- setting up ------------------------------------------------------------------------------------------------------
@@ -147,19 +136,19 @@ def check_data_files(config: TrainConfig) -> None:
         raise FileNotFoundError(f"data.image_folder {data.image_folder}: no such folder")
 
 
-def build_dataset(config: TrainConfig, model: SpatialMLLMForConditionalGeneration, processor: SpatialMLLMProcessor) -> Dataset:
+def build_dataset(config: TrainConfig, processor: SpatialMLLMProcessor, load_images: bool = True) -> Dataset:
+    """The run's LLaVA JSON through its processor (whose template `prepare_model` set); `load_images=False` when
+    images come as cached ViT features instead."""
     from ..data.dataset import LlavaDataset
 
     return LlavaDataset(
         config.data.train_json,
         config.data.image_folder,
-        processor.tokenizer,
-        config.data.template,
-        model.num_image_tokens,
-        image_transform=ImageTransform(processor),
+        processor,
         max_length=config.data.max_length,
         overlong=config.data.overlong,
         strict=config.data.strict,
+        load_images=load_images,
     )
 
 
@@ -218,6 +207,8 @@ def prepare_model(config: TrainConfig):
     """The model with LoRA injected (instruct + lora.enabled), the stage's parameters trainable (in float32) and
     gradient checkpointing as configured; returns (model, processor, LoraConfig or None)."""
     model, processor = load_model(config)
+    if config.data.template is not None:
+        processor.use_template(config.data.template)  # saved with the model: it is how the model will be prompted
     lora_config = inject_lora(model, config.lora) if config.stage.name == "instruct" and config.lora.enabled else None
     configure_trainable(model, config)
     upcast_trainable(model)
@@ -251,7 +242,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
     set_seed(opt.seed)
     model, processor, lora_config = prepare_model(config)
     if dataset is None:
-        dataset = build_dataset(config, model, processor)
+        dataset = build_dataset(config, processor)
     sampler_args = dict(
         num_samples=len(dataset), global_batch_size=opt.global_batch_size, micro_batch_size=opt.micro_batch_size,
         world_size=accelerator.num_processes, rank=accelerator.process_index, seed=opt.seed,
@@ -404,9 +395,9 @@ def export_model(
         unwrapped.save_pretrained(output_dir, state_dict=base)
         save_adapter(output_dir, adapter, lora_config)
     processor.save_pretrained(output_dir)
-    # Written last: marks the folder complete, and tells evaluation how to prompt this model.
-    write_json(output_dir / RUN_INFO_FILE, {"template": config.data.template, "model_id": output_dir.name,
-                                            "stage": config.stage.name, "projector": unwrapped.config.projector_type})
+    # Written last: marks the folder complete (the processor, saved above, carries the template).
+    write_json(output_dir / RUN_INFO_FILE, {"model_id": output_dir.name, "stage": config.stage.name,
+                                            "projector": unwrapped.config.projector_type})
 
 
 __all__ = ["NonFiniteLossError", "load_model", "train"]

@@ -1,164 +1,33 @@
-"""Work done once and reused: content fingerprints, atomically written cache folders, and frozen-ViT features.
+"""Frozen-ViT features computed once and shared: every epoch and every projector reads the same hidden states.
 
 A frozen vision tower gives the same hidden states for an image every epoch and for every projector, so the
 features of the union of the layers all projectors read are computed once into a safetensors file. A fingerprint
 of everything that decides those numbers (tower config and weights, preprocessing, layers, storage dtype, image
 bytes and order) is stored with them; a cache whose fingerprint differs is stale and rebuilt, never read.
-
-Pretrained encoders are cached the same way: a folder named by a key (config + data fingerprint + code version)
-is reused when it exists. Folders and files are written under a temporary name, then renamed, so a crash never
-leaves a half-written cache that looks complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerBase
 
+from ..cache import digest, images_digest, tensors_digest
+from ..files import write_file, write_text
 from ..vision.tower import VisionTower
 
 FEATURES_FORMAT = "spatial_mllm.vision_features/1"
-PRETRAINING_FILE = "pretraining.json"  # config and metrics of a pretrained encoder folder
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
-
-
-# --- fingerprints -------------------------------------------------------------------------------------------------
-def digest(*parts: Any) -> str:
-    """sha256 of JSON-serialisable parts (dict keys sorted), e.g. a config dict and other digests."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Digest of named tensors: names, dtypes, shapes and values."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(_tensor_bytes(tensor))
-    return h.hexdigest()
-
-
-def images_digest(images: Sequence[Image.Image | str | os.PathLike]) -> str:
-    """Digest of images in order: file bytes for paths, mode + size + pixels for PIL images."""
-    h = hashlib.sha256()
-    for index, image in enumerate(images):
-        if isinstance(image, Image.Image):
-            h.update(f"{image.mode}|{image.size}|".encode())
-            h.update(image.tobytes())
-        elif Path(image).is_file():
-            h.update(Path(image).read_bytes())
-        else:
-            raise FileNotFoundError(f"image {index} not found: {image}")
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Digest of what decides token ids: the vocabulary, special tokens and (for fast tokenizers) the pipeline."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = backend.to_str() if backend is not None else ""
-    return digest(sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, pipeline)
-
-
-def code_version(*source_files: str | os.PathLike) -> str:
-    """Digest of source files (pass a module's `__file__`): editing the code that made a cache invalidates it."""
-    from spatial_mllm import __version__
-
-    return digest(__version__, [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in source_files])
-
-
-# --- atomically written cache entries -----------------------------------------------------------------------------
-def build_folder_once(folder: str | os.PathLike, build: Callable[[Path], None]) -> bool:
-    """Run `build(tmp)` into a fresh temporary folder and rename it to `folder`, unless `folder` already exists.
-
-    Returns True when it built. If another process finished the same folder first, its copy is kept.
-    """
-    folder = Path(folder)
-    if folder.is_dir():
-        return False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the published folder gets the usual mode
-        build(tmp)
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
-        return False  # lost a race: an identical folder appeared meanwhile
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return True
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make files private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@dataclass(frozen=True)
-class PretrainResult:
-    """A pretrained encoder folder, its metrics, and whether it came from the cache."""
-
-    path: Path
-    metrics: dict[str, float]
-    reused: bool = False
-
-
-def write_pretraining_record(folder: Path, config: dict[str, Any], metrics: dict[str, float]) -> None:
-    (folder / PRETRAINING_FILE).write_text(json.dumps({"config": config, "metrics": metrics}, indent=1) + "\n")
-
-
-def read_pretraining_metrics(folder: str | os.PathLike) -> dict[str, float]:
-    path = Path(folder) / PRETRAINING_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not a folder written by spatial_mllm pretraining")
-    return json.loads(path.read_text())["metrics"]
-
-
-def cached_pretraining(
-    cache_dir: str | os.PathLike, name: str, key: str, train: Callable[[Path], Any]
-) -> PretrainResult:
-    """Reuse `cache_dir/<name>-<key>` when present, else `train(tmp_folder)` and publish it under that name."""
-    folder = Path(cache_dir) / f"{name}-{key[:20]}"
-    built = build_folder_once(folder, train)
-    return PretrainResult(folder, read_pretraining_metrics(folder), reused=not built)
 
 
 # --- frozen-ViT features ------------------------------------------------------------------------------------------
@@ -361,7 +230,7 @@ def cache_vision_features(
     tensors = _compute_features(
         vision_tower, paths, image_transform, layers, batch_size, STORAGE_DTYPES[dtype], progress
     )
-    _write_atomically(
+    write_file(
         out_file,
         lambda tmp: save_file(
             {f"layer.{layer}": t for layer, t in tensors.items()},
@@ -377,25 +246,16 @@ def cache_vision_features(
         "dtype": dtype,
         "rows": {path: row for row, path in enumerate(image_paths)},
     }
-    _write_atomically(_index_path(out_file), lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"))
+    write_text(_index_path(out_file), json.dumps(index, indent=1) + "\n")
     return VisionFeatures(out_file, fingerprint, num_states, index["rows"], tensors)
 
 
 __all__ = [
-    "PretrainResult",
+    "FEATURES_FORMAT",
     "StaleFeatureCacheError",
     "VisionFeatures",
-    "build_folder_once",
     "cache_vision_features",
-    "cached_pretraining",
-    "code_version",
-    "digest",
-    "images_digest",
     "load_vision_features",
     "normalize_layers",
-    "read_pretraining_metrics",
-    "tensors_digest",
-    "tokenizer_digest",
     "vision_features_fingerprint",
-    "write_pretraining_record",
 ]

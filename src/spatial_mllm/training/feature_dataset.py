@@ -11,14 +11,14 @@ from .feature_cache import VisionFeatures
 
 
 class CachedFeatureDataset(Dataset):
-    """Wraps a LlavaDataset built without image_transform; each item gets `vision_features` for its images.
+    """Wraps a LlavaDataset built with load_images=False; each item gets `vision_features` for its images.
 
     Valid only while the vision tower stays frozen: the cache fingerprint ties it to the tower's weights.
     """
 
     def __init__(self, base: LlavaDataset, features: VisionFeatures, layers: tuple[int, ...]):
-        if base.image_transform is not None:
-            raise ValueError("build the LlavaDataset without image_transform: images come from the feature cache")
+        if base.load_images:
+            raise ValueError("build the LlavaDataset with load_images=False: images come from the feature cache")
         self.base = base
         self.features = features
         self.layers = layers

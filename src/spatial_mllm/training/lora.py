@@ -128,9 +128,9 @@ def merge_lora_folder(model_dir: str | Path, out_dir: str | Path) -> Path:
     and the run's facts, such as its template). The new folder appears whole or not at all."""
     import shutil
 
+    from ..files import write_folder
     from ..model import RUN_INFO_FILE, SpatialMLLMProcessor
     from ..model.folder import check_model_folder
-    from .checkpoint import publish
 
     model_dir, out_dir = check_model_folder(model_dir), Path(out_dir)
     if not (model_dir / ADAPTER_CONFIG).is_file():
@@ -142,17 +142,16 @@ def merge_lora_folder(model_dir: str | Path, out_dir: str | Path) -> Path:
     model = load_without_adapter(model_dir)
     attach_adapter(model, model_dir)
     merge_lora(model)
-    # Assembled beside the target and published as checkpoints are (fsync, then an atomic rename over the empty
-    # or missing --out), so a killed merge leaves only a hidden folder that the next merge clears.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".tmp-{out_dir.name}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    SpatialMLLMProcessor.from_pretrained(model_dir).save_pretrained(staging)
-    if (model_dir / RUN_INFO_FILE).is_file():
-        shutil.copy2(model_dir / RUN_INFO_FILE, staging / RUN_INFO_FILE)
-    return publish(staging)
+    processor = SpatialMLLMProcessor.from_pretrained(model_dir)
+
+    def build(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if (model_dir / RUN_INFO_FILE).is_file():
+            shutil.copy2(model_dir / RUN_INFO_FILE, staging / RUN_INFO_FILE)
+
+    # Assembled beside the target and renamed into place (fsynced first), so it appears whole or not at all.
+    return write_folder(out_dir, build)
 
 
 __all__ = [

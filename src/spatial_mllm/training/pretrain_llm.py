@@ -20,16 +20,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.optimization import get_cosine_schedule_with_warmup
 
+from ..cache import code_version, digest, tokenizer_digest
 from ..data.dataset import DataError, DataProblem, normalize_record, read_records
-from ..data.templates import get_template
-from .feature_cache import (
-    PretrainResult,
-    cached_pretraining,
-    code_version,
-    digest,
-    tokenizer_digest,
-    write_pretraining_record,
-)
+from ..model.chat_templates import resolve_chat_template
+from .pretraining import PretrainResult, cached_pretraining, write_pretraining_record
 
 
 @dataclass(frozen=True)
@@ -74,15 +68,15 @@ def conversation_texts(
     image_folder: str | os.PathLike,
     template: str = "vicuna_v1",
 ) -> list[str]:
-    """The text of every record of a LLaVA JSON file, rendered by `template` exactly as training renders it
-    (same record checks and `<image>` placement); a bad record raises an error naming the file and index."""
-    renderer = get_template(template)
+    """The text of every record of a LLaVA JSON file, rendered by the chat template `template` exactly as training
+    renders it (same record checks and `<image>` placement); a bad record raises an error naming the file and index."""
+    chat_template = resolve_chat_template(template, tokenizer)
     texts = []
     for index, raw in enumerate(read_records(json_file)):
-        record = normalize_record(raw, index, str(json_file), Path(image_folder), renderer)
+        record = normalize_record(raw, index, str(json_file), Path(image_folder))
         if isinstance(record, DataProblem):
             raise DataError(record)
-        texts.append("".join(segment.text for segment in renderer.render(record.messages, tokenizer)))
+        texts.append(tokenizer.apply_chat_template(list(record.messages), chat_template=chat_template, tokenize=False))
     return texts
 
 

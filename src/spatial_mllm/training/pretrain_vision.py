@@ -24,16 +24,9 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerBase
 from transformers.optimization import get_cosine_schedule_with_warmup
 
-from ..model.processing import pad_to_square
-from .feature_cache import (
-    PretrainResult,
-    cached_pretraining,
-    code_version,
-    digest,
-    images_digest,
-    tokenizer_digest,
-    write_pretraining_record,
-)
+from ..cache import code_version, digest, images_digest, tokenizer_digest
+from ..model.image_transform import ImageTransform
+from .pretraining import PretrainResult, cached_pretraining, write_pretraining_record
 
 ImageInput = Image.Image | str | os.PathLike
 
@@ -102,12 +95,11 @@ def _load_image(image: ImageInput, index: int) -> Image.Image:
 
 
 def preprocess_images(images: Sequence[ImageInput], image_processor: CLIPImageProcessorPil) -> torch.Tensor:
-    """All images once into one (N, 3, S, S) tensor, padded to square as the LLaVA processor does later."""
-    fill = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+    """All images once into one (N, 3, S, S) tensor, prepared as the model's processor will (ImageTransform)."""
+    transform = ImageTransform(image_processor)
     chunks = []
     for start in range(0, len(images), 256):
-        batch = [pad_to_square(_load_image(img, start + i), fill) for i, img in enumerate(images[start : start + 256])]
-        chunks.append(image_processor(images=batch, return_tensors="pt")["pixel_values"])
+        chunks.append(transform([_load_image(img, start + i) for i, img in enumerate(images[start : start + 256])]))
     return torch.cat(chunks)
 
 

@@ -1,4 +1,9 @@
-"""The frozen ViT: a transformers vision model that hands each projector the hidden states it asks for."""
+"""The frozen ViT: a transformers vision model that hands each projector the hidden states it asks for.
+
+Towers are built by transformers' Auto classes from their config; what is ours is per family only what the Auto
+classes do not say: whether the hidden states start with a CLS token, and which image processor a bare config
+(no folder) gets.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
 from ..projectors.base import VisionGeometry
 from ..registry import Registry
@@ -14,16 +19,15 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class VisionBackbone:
-    """How to build one family of vision towers and read its tokens."""
+    """What transformers does not tell about one family of vision towers (keyed by the vision config's model_type)."""
 
-    model_class: str  # transformers class name
-    image_processor_class: str
     has_cls_token: bool
+    image_processor_class: str  # for a tower built from a bare config; a folder's own processor is used otherwise
 
 
 VISION_BACKBONES: Registry[VisionBackbone] = Registry("vision backbone")
-VISION_BACKBONES.register("clip_vision_model")(VisionBackbone("CLIPVisionModel", "CLIPImageProcessorPil", True))
-VISION_BACKBONES.register("siglip_vision_model")(VisionBackbone("SiglipVisionModel", "SiglipImageProcessorPil", False))
+VISION_BACKBONES.register("clip_vision_model")(VisionBackbone(True, "CLIPImageProcessorPil"))
+VISION_BACKBONES.register("siglip_vision_model")(VisionBackbone(False, "SiglipImageProcessorPil"))
 
 
 def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -58,11 +62,7 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_config(cls, config: PreTrainedConfig, frozen: bool = True) -> "VisionTower":
-        import transformers
-
-        config = vision_config_of(config)
-        model_class = getattr(transformers, backbone_of(config).model_class)
-        return cls(model_class(config), frozen=frozen)
+        return cls(AutoModel.from_config(vision_config_of(config)), frozen=frozen)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, frozen: bool = True, **kwargs) -> "VisionTower":
@@ -70,13 +70,12 @@ class VisionTower(nn.Module):
         import transformers
 
         config = vision_config_of(AutoConfig.from_pretrained(name_or_path, **kwargs))
-        model_class = getattr(transformers, backbone_of(config).model_class)
         # A full CLIP/SigLIP folder also holds the text tower: transformers would list each of its weights as
         # unexpected. Only the vision weights matter here, and missing ones still raise below.
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
-            model, info = model_class.from_pretrained(name_or_path, config=config, output_loading_info=True, **kwargs)
+            model, info = AutoModel.from_pretrained(name_or_path, config=config, output_loading_info=True, **kwargs)
         finally:
             transformers.logging.set_verbosity(verbosity)
         if info["missing_keys"]:
