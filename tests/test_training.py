@@ -73,8 +73,8 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_shipped_paper_recipes():
     shipped = shipped_configs()
     for projector in PAPER_PROJECTORS:
-        stage1 = load_config(f"{projector}_stage1")
-        stage2 = load_config(str(shipped[f"{projector}_stage2"]))  # by path too
+        stage1 = load_config("llava15_stage1", [f"model.projector={projector}"])
+        stage2 = load_config(str(shipped["llava15_stage2"]), [f"model.projector={projector}"])  # by path too
         assert (stage1.model.vision, stage1.model.llm) == ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5")
         assert stage1.model.projector == stage2.model.projector == projector
         assert (stage1.stage.name, stage1.data.template, stage1.optimisation.lr) == ("align", "plain", 1e-3)
@@ -110,7 +110,7 @@ def test_config_errors_name_the_key_and_the_file(tmp_path):
         load_config(str(path), ["optimisation.global_batch_size=6", "optimisation.micro_batch_size=4"])
     with pytest.raises(ValueError, match="lora.enabled applies to stage 'instruct' only"):
         load_config(str(path), ["stage.name=align", "lora.enabled=true"])
-    with pytest.raises(FileNotFoundError, match="shipped: .*llava_sp_pooling_stage1"):
+    with pytest.raises(FileNotFoundError, match="shipped: .*llava15_stage1"):
         load_config("no_such_recipe")
     config.optimisation.lr = "fast"  # values set in code are checked too
     with pytest.raises(ValueError, match="config: 'optimisation.lr' must be float, found 'fast'"):

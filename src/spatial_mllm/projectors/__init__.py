@@ -1,6 +1,7 @@
-"""Projector registry. Adding a projector = one file here that registers its class, plus one import line below."""
+"""Projector registry. Adding a projector = one file here whose class is decorated with
+`@register_projector("name")`, plus one import line below."""
 
-from .base import PROJECTORS, Projector, VisionGeometry, build_projector
+from .base import PROJECTORS, Projector, ProjectorEntry, VisionGeometry, build_projector, register_projector
 from . import mlp  # noqa: F401  (registers linear, mlp2x_gelu)
 from . import llava_sp  # noqa: F401  (registers llava_sp_pooling, llava_sp_cropping, llava_sp_pooling_nodfi)
 from . import saep  # noqa: F401  (registers saep)
@@ -8,4 +9,4 @@ from . import ldpv2  # noqa: F401  (registers ldpv2)
 from . import c_abstractor  # noqa: F401  (registers c_abstractor)
 from . import tokenpacker  # noqa: F401  (registers tokenpacker)
 
-__all__ = ["PROJECTORS", "Projector", "VisionGeometry", "build_projector"]
+__all__ = ["PROJECTORS", "Projector", "ProjectorEntry", "VisionGeometry", "build_projector", "register_projector"]

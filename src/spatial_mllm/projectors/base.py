@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..registry import Registry
 
-PROJECTORS: Registry[type["Projector"]] = Registry("projector")
+
+@dataclass(frozen=True)
+class ProjectorEntry:
+    """A registered projector: its class and the default options that make this variant."""
+
+    cls: type["Projector"]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+PROJECTORS: Registry[ProjectorEntry] = Registry("projector")
+
+
+def register_projector(name: str, **defaults: Any) -> Callable[[type["Projector"]], type["Projector"]]:
+    """Class decorator registering `name` -> the class built with these default options (a user's options win);
+    stack it for several variants of one class (LLaVA-SP Pooling / Cropping, linear / mlp2x_gelu)."""
+
+    def add(cls: type[Projector]) -> type[Projector]:
+        PROJECTORS.register(name)(ProjectorEntry(cls, dict(defaults)))
+        return cls
+
+    return add
 
 
 @dataclass(frozen=True)
@@ -89,11 +111,11 @@ def from_grid(fmap: torch.Tensor) -> torch.Tensor:
 
 
 def build_projector(name: str, vision: VisionGeometry, llm_width: int, **options) -> Projector:
-    cls = PROJECTORS.get(name)
+    entry = PROJECTORS.get(name)
     try:
-        projector = cls(vision, llm_width, **options)
+        projector = entry.cls(vision, llm_width, **{**entry.defaults, **options})
     except TypeError as err:
         raise TypeError(f"projector {name!r}: bad options {options}: {err}") from None
-    # Several registered names may share a class (LLaVA-SP variants): remember which one this is.
+    # Several registered names share a class (LLaVA-SP variants): remember which one this is.
     projector.projector_type = name
     return projector

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PROJECTORS, Projector, VisionGeometry, from_grid, to_grid
+from .base import Projector, VisionGeometry, from_grid, register_projector, to_grid
 from .layers import LayerNorm2d, half_grid, init_weights, trunc_normal_
 
 
@@ -45,7 +45,7 @@ class RegNetBottleneck(nn.Module):
         return self.act(y + x)
 
 
-@PROJECTORS.register("c_abstractor")
+@register_projector("c_abstractor")
 class CAbstractor(Projector):
     """(B, g*g, C) from the last ViT block -> (B, ceil(g/2)^2, D). depth: bottlenecks before and after the pool."""
 

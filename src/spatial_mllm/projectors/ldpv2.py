@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PROJECTORS, Projector, VisionGeometry, from_grid, to_grid
+from .base import Projector, VisionGeometry, from_grid, register_projector, to_grid
 from .layers import half_grid, init_weights
 from .mlp import mlp2x_gelu
 
 
-@PROJECTORS.register("ldpv2")
+@register_projector("ldpv2")
 class LDPv2(Projector):
     """(B, g*g, C) -> (B, ceil(g/2)^2, D); the pooling and the conv run at the LLM width."""
 

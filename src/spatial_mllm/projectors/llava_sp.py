@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PROJECTORS, Projector, VisionGeometry, from_grid, to_grid
+from .base import Projector, VisionGeometry, from_grid, register_projector, to_grid
 from .layers import init_weights
 from .mlp import mlp2x_gelu
 
@@ -99,6 +99,11 @@ class DetailFeatureIntegrator(nn.Module):
         return torch.cat([spatial, attended], dim=-1)
 
 
+# The variants: Pooling SFE + DFI (most likely what the paper evaluated, "adaptive-pooling-fuse-25"); Cropping SFE
+# + DFI (the official Ws has a bias in this variant); Pooling without DFI (the official code's default branch).
+@register_projector("llava_sp_pooling", sfe="pooling", dfi=True, ws_bias=False)
+@register_projector("llava_sp_cropping", sfe="cropping", dfi=True, ws_bias=True)
+@register_projector("llava_sp_pooling_nodfi", sfe="pooling", dfi=False, ws_bias=False)
 class LlavaSP(Projector):
     """LLaVA-SP projector; output = concat([Ws(spatial tokens) (6), Wp(patch tokens) (g*g)]), spatial first.
 
@@ -158,54 +163,3 @@ class LlavaSP(Projector):
             for name in ("weight", "bias"):
                 keys[f"model.mm_projector.{index}.{name}"] = f"patch_projector.{index}.{name}"
         return keys
-
-
-@PROJECTORS.register("llava_sp_pooling")
-class LlavaSPPooling(LlavaSP):
-    """Pooling SFE + DFI: most likely what the paper evaluated ("adaptive-pooling-fuse-25")."""
-
-    def __init__(
-        self,
-        vision: VisionGeometry,
-        llm_width: int,
-        *,
-        sfe: str = "pooling",
-        dfi: bool = True,
-        ws_bias: bool = False,
-        spatial_width: int = 512,
-    ):
-        super().__init__(vision, llm_width, sfe=sfe, dfi=dfi, ws_bias=ws_bias, spatial_width=spatial_width)
-
-
-@PROJECTORS.register("llava_sp_cropping")
-class LlavaSPCropping(LlavaSP):
-    """Cropping SFE + DFI; the official Ws has a bias in this variant."""
-
-    def __init__(
-        self,
-        vision: VisionGeometry,
-        llm_width: int,
-        *,
-        sfe: str = "cropping",
-        dfi: bool = True,
-        ws_bias: bool = True,
-        spatial_width: int = 512,
-    ):
-        super().__init__(vision, llm_width, sfe=sfe, dfi=dfi, ws_bias=ws_bias, spatial_width=spatial_width)
-
-
-@PROJECTORS.register("llava_sp_pooling_nodfi")
-class LlavaSPPoolingNoDFI(LlavaSP):
-    """Pooling SFE without DFI: the official code's default branch (Ws 512 -> D, no bias)."""
-
-    def __init__(
-        self,
-        vision: VisionGeometry,
-        llm_width: int,
-        *,
-        sfe: str = "pooling",
-        dfi: bool = False,
-        ws_bias: bool = False,
-        spatial_width: int = 512,
-    ):
-        super().__init__(vision, llm_width, sfe=sfe, dfi=dfi, ws_bias=ws_bias, spatial_width=spatial_width)

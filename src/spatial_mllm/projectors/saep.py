@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import PROJECTORS, VisionGeometry, from_grid, to_grid
+from .base import VisionGeometry, from_grid, register_projector, to_grid
 from .layers import LayerNorm2d, MultiLayerProjector, init_weights, make_activation
 
 AGGREGATIONS = ("concat", "mean", "weighted")
@@ -51,7 +51,7 @@ def mlp_readout(in_width: int, out_width: int, depth: int, act: str) -> nn.Seque
     return nn.Sequential(*modules)
 
 
-@PROJECTORS.register("saep")
+@register_projector("saep")
 class SAEP(MultiLayerProjector):
     """Spatially aware efficient projector: (B, g*g, C) x k layers -> (B, ceil(g/2)^2, D).
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import PROJECTORS, VisionGeometry, from_grid, to_grid
+from .base import VisionGeometry, from_grid, register_projector, to_grid
 from .layers import MultiLayerProjector, half_grid, init_weights, trunc_normal_
 from .mlp import mlp2x_gelu
 
@@ -24,7 +24,7 @@ def windows_2x2(x: torch.Tensor, out_grid: int) -> torch.Tensor:
     return x.reshape(b * out_grid * out_grid, 4, c)
 
 
-@PROJECTORS.register("tokenpacker")
+@register_projector("tokenpacker")
 class TokenPacker(MultiLayerProjector):
     """(B, g*g, C) x k layers -> (B, ceil(g/2)^2, D).
 

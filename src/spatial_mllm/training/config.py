@@ -1,7 +1,8 @@
-"""The training config: nested dataclasses loaded from YAML, with `a.b=value` command-line overrides.
+"""The training config: nested dataclasses, read from YAML with `a.b=value` command-line overrides by OmegaConf.
 
-Every key is checked: an unknown key or a value of the wrong type is an error that names the key and the file
-(or the override) it came from. Shipped recipes live in `spatial_mllm/configs/*.yaml` and are found by name.
+OmegaConf checks every key against the dataclasses (and resolves `${...}` interpolations, with which the shipped
+recipes name their folders after the projector); its errors are turned into one line that names the key and the
+file (or the override) it came from. Shipped recipes live in `spatial_mllm/configs/*.yaml` and are found by name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ..model.chat_templates import template_names
 
 STAGES = ("align", "instruct")
 MIXED_PRECISION = ("no", "bf16")
@@ -56,7 +61,7 @@ def _is_local_path(value: str) -> bool:
 class DataSection:
     train_json: str | None = None
     image_folder: str | None = None  # null: the folder of train_json
-    template: str = "plain"
+    template: str | None = "plain"  # a conversation template name; null: the model processor's own
     max_length: int = 2048
     overlong: str = "truncate"  # "truncate" or "drop" samples longer than max_length
     strict: bool = False  # stop at the first bad record instead of skipping it
@@ -130,7 +135,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Checks types (also of values set in code) and ranges; raises ValueError naming the key."""
-        check_types(self, "config")
+        checked = _to_config(lambda: OmegaConf.structured(self), "config")
+        for section in dataclasses.fields(self):
+            setattr(self, section.name, getattr(checked, section.name))
         checks: list[tuple[bool, str]] = [
             (self.stage.name in STAGES, f"stage.name must be one of {STAGES}, got {self.stage.name!r}"),
             (self.optimisation.mixed_precision in MIXED_PRECISION,
@@ -139,6 +146,8 @@ class TrainConfig:
              f"optimisation.schedule must be one of {SCHEDULES}, got {self.optimisation.schedule!r}"),
             (self.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.model.dtype!r}"),
             (self.data.overlong in ("truncate", "drop"), f"data.overlong must be 'truncate' or 'drop', got {self.data.overlong!r}"),
+            (self.data.template is None or self.data.template in template_names(),
+             f"data.template {self.data.template!r} is not a known template; known: {', '.join(template_names())}"),
             (self.optimisation.lr > 0, "optimisation.lr must be positive"),
             (self.optimisation.projector_lr is None or self.optimisation.projector_lr > 0,
              "optimisation.projector_lr must be positive or null"),
@@ -204,127 +213,94 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
-    config = from_dict(TrainConfig, raw, str(path))
+    merged = _to_config(lambda: OmegaConf.merge(OmegaConf.structured(TrainConfig), raw), str(path), resolve=False)
     for override in overrides:
-        apply_override(config, override)
+        merged = _apply(merged, override)
+    config = _to_config(lambda: merged, str(path) + (" with overrides" if overrides else ""))
     try:
         return config.validate()
     except ValueError as err:
         raise ValueError(f"{path}{' with overrides' if overrides else ''}: {err}") from None
 
 
-def from_dict(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
-    """An instance of dataclass `cls` from a mapping, type-checking every value; `source` names where it came from."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if key not in known:
-            raise ValueError(f"{source}: unknown key {name!r}; known keys here: {', '.join(sorted(known))}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: {name!r} must be a section (a mapping), found {value!r}")
-            values[key] = from_dict(hint, value, source, f"{name}.")
-        else:
-            values[key] = coerce(value, hint, name, source)
-    return cls(**values)
-
-
-def check_types(section: Any, source: str, prefix: str = "") -> None:
-    """Type-checks every field of a config (sub)section in place, e.g. after values were assigned in code."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            check_types(value, source, f"{prefix}{f.name}.")
-        else:
-            setattr(section, f.name, coerce(value, hints[f.name], f"{prefix}{f.name}", source))
-
-
 def apply_override(config: TrainConfig, override: str) -> None:
-    """Applies one `section.key=value` override in place."""
+    """Applies one `section.key=value` override to a config in code, in place."""
+    updated = _to_config(lambda: _apply(OmegaConf.structured(config), override), f"override {override!r}")
+    for section in dataclasses.fields(config):
+        setattr(config, section.name, getattr(updated, section.name))
+
+
+def _apply(merged, override: str):
+    """The OmegaConf config with one `a.b=value` override merged in; the value is read as YAML, except that a text
+    field keeps YAML 1.1's words (no/yes/on/off) as typed instead of as booleans."""
     source = f"override {override!r}"
     if "=" not in override:
         raise ValueError(f"{source}: expected key=value, e.g. optimisation.lr=2e-4")
-    dotted, text = override.split("=", 1)
-    *path, key = dotted.strip().split(".")
-    target: Any = config
-    for i, part in enumerate(path):
-        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-            raise ValueError(f"{source}: unknown section {'.'.join(path[: i + 1])!r}")
-        target = getattr(target, part)
-    if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
-        known = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
-        raise ValueError(f"{source}: unknown key {dotted!r}" + (f"; known keys here: {known}" if known else ""))
-    hint = typing.get_type_hints(type(target))[key]
-    if dataclasses.is_dataclass(hint):
-        raise ValueError(f"{source}: {dotted!r} is a section; override its keys one by one")
+    dotted, text = (part.strip() for part in override.split("=", 1))
+    if not dotted:
+        raise ValueError(f"{source}: no key before '='")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if isinstance(value, bool) and _takes_text(dotted):
+        value = text
     try:
-        converted = coerce(value, hint, dotted, source)
-    except ValueError:
-        # YAML 1.1 reads no/off/yes/on as booleans: a field that takes text gets the text as typed.
-        if isinstance(value, str) or not _takes_text(hint):
-            raise
-        converted = coerce(text.strip(), hint, dotted, source)
-    setattr(target, key, converted)
+        return OmegaConf.merge(merged, _nested(dotted, value))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{source}: {_describe(err, dotted)}") from None
 
 
-def _takes_text(hint: Any) -> bool:
-    return any(_fits("text", option)[0] for option in _type_options(hint))
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    tree: Any = value
+    for part in reversed(dotted.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _to_config(make, source: str, resolve: bool = True):
+    """Run an OmegaConf step; with `resolve`, end with the TrainConfig object. Errors become one line naming
+    `source` and the key."""
+    try:
+        made = make()
+        return OmegaConf.to_object(made) if resolve else made
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{source}: {_describe(err)}") from None
+
+
+def _describe(err: OmegaConfBaseException, key: str | None = None) -> str:
+    key = getattr(err, "full_key", None) or key
+    if isinstance(err, ConfigKeyError) or "not in" in str(getattr(err, "msg", "")):
+        return f"unknown key {key!r}"
+    hint = _field_type(key) if key else None
+    if hint is not None and getattr(err, "value", None) is not None:
+        expected = " or ".join(_type_name(option) for option in _type_options(hint))
+        return f"{key!r} must be {expected}, found {err.value!r}"
+    return f"{key!r}: {str(getattr(err, 'msg', err)).splitlines()[0]}"
+
+
+def _field_type(dotted: str) -> Any:
+    """The type hint of a dotted key of TrainConfig, or None if there is no such key."""
+    target: Any = TrainConfig
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(target) and part in {f.name for f in dataclasses.fields(target)}):
+            return None
+        target = typing.get_type_hints(target)[part]
+    return target
+
+
+def _takes_text(dotted: str) -> bool:
+    hint = _field_type(dotted)
+    return hint is not None and str in _type_options(hint)
 
 
 def _type_options(hint: Any) -> tuple[Any, ...]:
     """The types a hint allows: the members of a Union (`int | None`), else the hint itself."""
     return typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-
-
-def coerce(value: Any, hint: Any, name: str, source: str) -> Any:
-    """`value` if it fits type `hint` (ints accepted as floats, "2e-5"-style strings as floats), else a clear error."""
-    options = _type_options(hint)
-    for option in options:
-        ok, converted = _fits(value, option)
-        if ok:
-            return converted
-    expected = " or ".join(_type_name(option) for option in options)
-    raise ValueError(f"{source}: {name!r} must be {expected}, found {value!r}")
-
-
-def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(hint)
-    if hint is type(None):
-        return value is None, None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            return False, None
-        converted = [_fits(v, item) for v in value]
-        return all(ok for ok, _ in converted), [v for _, v in converted]
-    if origin is dict:
-        return isinstance(value, dict), dict(value) if isinstance(value, dict) else None
-    raise TypeError(f"unsupported config type {hint!r}")
 
 
 def _type_name(hint: Any) -> str:
@@ -334,7 +310,9 @@ def _type_name(hint: Any) -> str:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    from ..files import write_text
+
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 __all__ = [
@@ -347,8 +325,6 @@ __all__ = [
     "TrainConfig",
     "VisionSection",
     "apply_override",
-    "check_types",
-    "from_dict",
     "load_config",
     "resolve_config",
     "save_config",

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -78,17 +77,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             "the launch config asks for FSDP, which accelerate runs on GPUs (or other accelerators) only and this "
             "machine has none; on CPU launch several processes with launch_ddp.yaml instead"
         )
-    # accelerate keeps its settings in process-wide singletons; one process may run several stages (align, then
-    # instruct) with different settings, so start each from a clean slate (the process group itself is kept).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    # accelerate keeps its settings in process-wide singletons that cannot change once made, and one process may
+    # run several stages (the demo, the tests), so the stage's own settings stay out of them: bf16 autocast is
+    # applied around each forward pass here (`autocast`), gradient accumulation is set on the accelerator below.
     accelerator = Accelerator(
         # Without a GPU (or other accelerator), processes started by torchrun must still form a (gloo) group.
         cpu=not torch.accelerator.is_available(),
-        mixed_precision=config.optimisation.mixed_precision,
         # A micro-batch without images leaves the projector out of the graph; DDP must not wait for its gradients.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launch_precision = accelerator.mixed_precision
+    if launch_precision not in ("no", config.optimisation.mixed_precision):
+        raise ValueError(
+            f"the launch config asks for mixed precision {launch_precision!r} but optimisation.mixed_precision is "
+            f"{config.optimisation.mixed_precision!r}; make them agree"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise ValueError(f"{launched} processes were launched but accelerate set up {accelerator.num_processes}")
@@ -333,13 +336,19 @@ def accumulate_gradients(accelerator: Accelerator, model: torch.nn.Module, batch
     for _ in range(accelerator.gradient_accumulation_steps):
         batch = to_device(next(batches), accelerator.device, config)
         with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
-            loss = model(**batch, use_cache=False).loss
+            with autocast(accelerator.device, config):
+                loss = model(**batch, use_cache=False).loss
             accelerator.backward(loss)
         loss_sum += loss.detach().float()
     loss = accelerator.reduce(loss_sum / accelerator.gradient_accumulation_steps, reduction="mean").item()
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(trainable, config.optimisation.max_grad_norm or float("inf"))
     return loss, None if grad_norm is None else float(grad_norm)
+
+
+def autocast(device: torch.device, config: TrainConfig):
+    """bf16 autocast of a forward pass when the config asks for it (on CPU as on GPU)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.optimisation.mixed_precision == "bf16")
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
