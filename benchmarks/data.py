@@ -7,7 +7,7 @@ Generation: scene generation, rendering and PNG encoding timed on their own in m
 whole folder, for each --canvas.
 
 Loading: a world of --records train images (canvas: the first --canvas) generated into a temporary folder, its
-tokenizer trained on its text (spatial_mllm.data.tokenizer), and its stage-2 LLaVA JSON read through LlavaDataset +
+tokenizer trained on its text (spatial_mllm.demo.tokenizer), and its stage-2 LLaVA JSON read through LlavaDataset +
 DataCollator in a torch DataLoader with an image transform shaped like CLIP preprocessing (resize to --image-size,
 scale, normalise; the real processor costs about the same). One full pass per setting and worker count:
 "text only" (image_transform None: JSON record, template, tokenisation, label verification, collation) and
@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader
 
 from spatial_mllm.data.collator import DataCollator
 from spatial_mllm.data.dataset import LlavaDataset
-from spatial_mllm.data.tokenizer import train_world_tokenizer, world_texts
-from spatial_mllm.data.world import WorldConfig, generate_scene, make_world, render_scene
-from spatial_mllm.data.world.make import split_files
-from spatial_mllm.data.world.render import png_bytes
-from spatial_mllm.data.world.scene import derive_seed
+from spatial_mllm.demo.tokenizer import train_world_tokenizer, world_texts
+from spatial_mllm.demo.world import WorldConfig, generate_scene, make_world, render_scene
+from spatial_mllm.demo.world.make import split_files
+from spatial_mllm.demo.world.render import png_bytes
+from spatial_mllm.demo.world.scene import derive_seed
 
 Row = dict[str, object]
 CLIP_MEAN = torch.tensor([0.4815, 0.4578, 0.4082]).view(3, 1, 1)

@@ -294,7 +294,7 @@ def test_report_names_the_file_of_a_bad_run(tmp_path, capsys):
 
 
 def test_eval_on_the_built_in_world(model_dir, tmp_path):
-    from spatial_mllm.data.world import make_world, split_files
+    from spatial_mllm.demo.world import make_world, split_files
 
     world = tmp_path / "world"
     make_world(world, n_train=0, n_val=1, n_test=0, n_holdout=0, progress=False)
@@ -331,7 +331,7 @@ def test_a_file_with_nothing_to_answer_is_an_error(model_dir, tmp_path, capsys):
 
 
 def test_world_answer_keys_grade_letters_and_option_texts(tmp_path):
-    from spatial_mllm.data.world import make_world, split_files
+    from spatial_mllm.demo.world import make_world, split_files
     from spatial_mllm.evaluation.metrics import score_answers
 
     make_world(tmp_path, n_train=0, n_val=2, n_test=0, n_holdout=0, progress=False)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from spatial_mllm import cli
 from spatial_mllm.data.dataset import LlavaDataset
-from spatial_mllm.data.tokenizer import train_world_tokenizer
+from spatial_mllm.demo.tokenizer import train_world_tokenizer
 from spatial_mllm.evaluation.image_reliance import OtherImages, image_reliance
 from spatial_mllm.model import build_model
 from spatial_mllm.training.engine import make_collator

@@ -44,7 +44,7 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory) -> list[dict]:
     """Documents as an lmms-eval task over the built-in world would hold them: a question, its scene, its answer."""
-    from spatial_mllm.data.world import make_world
+    from spatial_mllm.demo.world import make_world
 
     world = tmp_path_factory.mktemp("world")
     make_world(world, n_train=0, n_val=3, n_test=0, n_holdout=0, progress=False)

@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel
 
 from spatial_mllm.data.dataset import DataError
 from spatial_mllm.model import VICUNA_SYSTEM
-from spatial_mllm.data.tokenizer import train_world_tokenizer
+from spatial_mllm.demo.tokenizer import train_world_tokenizer
 from spatial_mllm.model import build_model, image_processor_for
 from spatial_mllm.cache import cached_folder
 from spatial_mllm.training.feature_cache import StaleFeatureCacheError, cache_vision_features, load_vision_features
-from spatial_mllm.training.pretrain_llm import conversation_texts, pack_texts, pretrain_llm, pretrain_llm_cached
-from spatial_mllm.training.pretrain_vision import (
+from spatial_mllm.demo.pretrain_llm import conversation_texts, pack_texts, pretrain_llm, pretrain_llm_cached
+from spatial_mllm.demo.pretrain_vision import (
     ClipPretrainConfig,
     encode_captions,
     image_to_text_retrieval,

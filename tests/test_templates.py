@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, LlamaTokenizer
 
 from fixtures.llava_data import processor_for
 from spatial_mllm import cli
-from spatial_mllm.data.tokenizer import train_world_tokenizer
+from spatial_mllm.demo.tokenizer import train_world_tokenizer
 from spatial_mllm.model import IGNORE_INDEX, IMAGE_TOKEN, VICUNA_SYSTEM, LabelMismatchError, Segment, TemplateError
 from spatial_mllm.model.chat_templates import resolve_chat_template
 from spatial_mllm.model.conversation import verify_labels

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from spatial_mllm.data.commands import register
-from spatial_mllm.data.world import Scene, make_world, render_scene
-from spatial_mllm.data.world.render import png_bytes
+from spatial_mllm.demo.world import Scene, make_world, render_scene
+from spatial_mllm.demo.world.render import png_bytes
 
 SHORT = "Answer the question using a single word or phrase."
 MC = "Answer with the option's letter from the given choices directly."

@@ -13,8 +13,8 @@ import pytest
 from spatial_mllm.data.dataset import LlavaDataset
 from fixtures.llava_data import processor_for
 from spatial_mllm.model import IGNORE_INDEX, IMAGE_TOKEN
-from spatial_mllm.data.tokenizer import train_world_tokenizer, world_texts
-from spatial_mllm.data.world import make_world
+from spatial_mllm.demo.tokenizer import train_world_tokenizer, world_texts
+from spatial_mllm.demo.world import make_world
 
 NUM_IMAGE_TOKENS = 7
 

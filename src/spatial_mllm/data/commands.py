@@ -39,7 +39,7 @@ def _register_make_world(data_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make_world(args: argparse.Namespace) -> int:
-    from .world.make import make_world
+    from ..demo.world.make import make_world
 
     manifest = make_world(
         args.out,
@@ -101,7 +101,7 @@ def _register_tokenizer(data_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from .tokenizer import train_world_tokenizer, world_texts
+    from ..demo.tokenizer import train_world_tokenizer, world_texts
 
     tokenizer = train_world_tokenizer(world_texts(args.world), args.out, vocab_size=args.vocab_size)
     print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out}")

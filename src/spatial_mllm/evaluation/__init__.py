@@ -1,0 +1,1 @@
+"""Evaluation: answering and scoring question files, metrics, comparison reports, image reliance, lmms-eval."""

@@ -9,12 +9,12 @@ checked before generation starts, so a bad file fails in seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache import file_digest
 from .metrics import read_key_item, score_answers
 from .pope import pope_label, score_pope
 from .records import describe_ids, read_jsonl
@@ -48,10 +48,6 @@ def default_run_name(model_dir: Path) -> str:
     the same name for every projector, and report needs names that differ."""
     folder = Path(model_dir).resolve()
     return f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def evaluate_questions(
@@ -205,7 +201,6 @@ __all__ = [
     "Evaluation",
     "default_run_name",
     "evaluate_questions",
-    "file_digest",
     "read_answer_key",
     "run_facts",
     "scores_path",

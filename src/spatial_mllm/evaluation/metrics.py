@@ -2,7 +2,7 @@
 
 The answer-key schema is read in one place, `read_key_item`: records
 {"question_id", "answer", "category", "type": "short" | "mc" | "yesno", "options"?: [...], "answer_letter"?: "B"}.
-The built-in world's keys (spatial_mllm.data.world) are read too: they name the type "format" and, for "mc", hold
+The built-in world's keys (spatial_mllm.demo.world) are read too: they name the type "format" and, for "mc", hold
 the letter in "answer" and the option text in "answer_text".
 Answer records are LLaVA's answers JSONL: {"question_id", "text", ...}. Accuracies are fractions in [0, 1].
 """

@@ -1,0 +1,1 @@
+"""Serving a model: terminal chat and an OpenAI-compatible server."""

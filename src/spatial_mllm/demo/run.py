@@ -1,4 +1,4 @@
-"""`spatial-mllm demo`: the whole LLaVA recipe, end to end, on the built-in spatial world.
+"""The demo's run: the whole LLaVA recipe, end to end, on the built-in spatial world.
 
 No pretrained weights can be had offline, so the demo makes everything itself: the world, a tokenizer, a tiny
 CLIP (contrastive, on object-list captions) and a tiny Llama (on the world's text). Then, for each projector, on
@@ -10,91 +10,31 @@ Everything expensive is cached under the run folder: a second run reuses what ha
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .training.pretrain_llm import LLM_DEFAULT, LLM_QUICK, LlmPretrainConfig
-from .training.pretrain_vision import CLIP_DEFAULT, CLIP_QUICK, ClipPretrainConfig
+from .plan import DEFAULT, DEMO_PROJECTORS, DemoPlan
 
-DEMO_PROJECTORS = ("mlp2x_gelu", "llava_sp_pooling", "llava_sp_cropping", "saep")
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    steps: int
-    global_batch_size: int
-    micro_batch_size: int
-    lr: float
-    projector_lr: float | None = None
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Sizes and schedules of one demo setting; `DEFAULT` fits 15 minutes on 2 CPU cores, `QUICK` 2 minutes."""
-
-    world: dict[str, int]
-    clip: ClipPretrainConfig
-    llm: LlmPretrainConfig
-    stage1: StagePlan
-    stage2: StagePlan
-    lora_r: int | None  # stage 2 trains the LLM by LoRA of this rank, or fully when None
-    eval_images: int  # images per evaluation split (all their questions are asked)
-    latency_samples: int
-    projector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def _projector_options(vision_width: int) -> dict[str, dict[str, Any]]:
-    # LLaVA-SP's SFE tokens are half the ViT width at paper scale (1024 -> 512): keep that ratio for the tiny ViT.
-    half = {"spatial_width": vision_width // 2}
-    return {"llava_sp_pooling": half, "llava_sp_cropping": half, "llava_sp_pooling_nodfi": half}
-
-
-# A 96x96 canvas with the ViT's 12-pixel patches: an 8x8 grid (64 patch tokens), on which every projector works.
-DEMO_CLIP = dataclasses.replace(CLIP_DEFAULT, patch_size=12, steps=300)
-DEFAULT = DemoPlan(
-    world={"n_train": 2000, "n_val": 100, "n_test": 150, "n_holdout": 100},
-    clip=DEMO_CLIP,
-    llm=dataclasses.replace(LLM_DEFAULT, steps=150),
-    stage1=StagePlan(steps=100, global_batch_size=32, micro_batch_size=32, lr=2e-3),
-    # Full fine-tuning (the recipe's alternative to LoRA): measured, LoRA on a 1.3M-parameter LLM learns to read
-    # the image too slowly for the 15-minute budget, as does a stage 2 without the detailed captions.
-    stage2=StagePlan(steps=120, global_batch_size=32, micro_batch_size=32, lr=2e-3, projector_lr=2e-3),
-    lora_r=None,
-    eval_images=100,
-    latency_samples=32,
-    projector_options=_projector_options(DEMO_CLIP.vision_width),
-)
-QUICK = DemoPlan(
-    world={"n_train": 300, "n_val": 20, "n_test": 30, "n_holdout": 20},
-    clip=dataclasses.replace(CLIP_QUICK, patch_size=12),
-    llm=LLM_QUICK,
-    stage1=StagePlan(steps=10, global_batch_size=16, micro_batch_size=16, lr=2e-3),
-    stage2=StagePlan(steps=12, global_batch_size=16, micro_batch_size=16, lr=2e-3, projector_lr=2e-3),
-    lora_r=16,  # the quick run goes through the LoRA path (adapter saved beside the model, loaded for evaluation)
-    eval_images=20,
-    latency_samples=8,
-    projector_options=_projector_options(CLIP_QUICK.vision_width),
-)
+logger = logging.getLogger(__name__)
 
 
 def log(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+    logger.info(message)
 
 
 # --- steps -----------------------------------------------------------------------------------------------------------
 
 
 def make_world_once(out: Path, plan: DemoPlan, seed: int) -> Path:
-    from .data.world import make_world
-    from .data.world.make import MANIFEST
+    from .world import make_world
+    from .world.make import MANIFEST
 
     world = out / "world"
     wanted = {"seed": seed, **plan.world}
@@ -116,7 +56,7 @@ def make_world_once(out: Path, plan: DemoPlan, seed: int) -> Path:
 def tokenizer_once(out: Path, world: Path):
     from transformers import AutoTokenizer
 
-    from .data.tokenizer import train_world_tokenizer, world_texts
+    from .tokenizer import train_world_tokenizer, world_texts
 
     folder = out / "cache" / "tokenizer"
     stamp = folder / "world.json"
@@ -131,7 +71,7 @@ def tokenizer_once(out: Path, world: Path):
 
 def split_images(world: Path, split: str) -> tuple[list[str], list[str]]:
     """(image paths relative to the world folder, object-list captions) of one split."""
-    from .data.world.make import split_files
+    from .world.make import split_files
 
     paths, captions = [], []
     with (world / split_files(split)["captions"]).open() as handle:
@@ -143,8 +83,8 @@ def split_images(world: Path, split: str) -> tuple[list[str], list[str]]:
 
 
 def pretrain_encoders(out: Path, world: Path, tokenizer, plan: DemoPlan) -> tuple[Path, Path, dict[str, float]]:
-    from .training.pretrain_llm import conversation_texts, pretrain_llm_cached
-    from .training.pretrain_vision import pretrain_clip_cached
+    from .pretrain_llm import conversation_texts, pretrain_llm_cached
+    from .pretrain_vision import pretrain_clip_cached
 
     cache = out / "cache"
     paths, captions = split_images(world, "train")
@@ -161,8 +101,8 @@ def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> t
     """The union of the ViT layers the projectors read (projectors built on the meta device: nothing allocated)."""
     from transformers import AutoConfig
 
-    from .projectors import build_projector
-    from .vision.tower import VisionTower, vision_config_of
+    from ..projectors import build_projector
+    from ..vision.tower import VisionTower, vision_config_of
 
     with torch.device("meta"):
         geometry = VisionTower.from_config(vision_config_of(AutoConfig.from_pretrained(clip))).geometry
@@ -175,9 +115,9 @@ def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> t
 
 
 def cache_features(out: Path, world: Path, clip: Path, layers: tuple[int, ...]):
-    from .model import ImageTransform, image_processor_for
-    from .training.feature_cache import cache_vision_features
-    from .vision import VisionTower
+    from ..model import ImageTransform, image_processor_for
+    from ..training.feature_cache import cache_vision_features
+    from ..vision import VisionTower
 
     tower = VisionTower.from_pretrained(str(clip))
     transform = ImageTransform(image_processor_for(str(clip)))  # what the models' processors will do
@@ -196,7 +136,7 @@ def instruct_mix(world: Path, out: Path, split: str = "train") -> Path:
     records = []
     for name in (f"llava_stage2_{split}.json", f"llava_stage1_{split}.json"):
         records += json.loads((world / name).read_text())
-    from .files import write_text
+    from ..files import write_text
 
     mix = out / "data" / ("llava_stage2_mix.json" if split == "train" else f"llava_stage2_mix_{split}.json")
     return write_text(mix, json.dumps(records))
@@ -204,7 +144,7 @@ def instruct_mix(world: Path, out: Path, split: str = "train") -> Path:
 
 def stage_config(stage: str, plan: DemoPlan, out_dir: Path, train_json: Path, world: Path, seed: int, **fields: Any):
     """The shipped world config of the stage with this demo's paths and schedule as `key=value` overrides."""
-    from .training.config import load_config
+    from ..training.config import load_config
 
     stage_plan = plan.stage1 if stage == "align" else plan.stage2
     overrides = {
@@ -233,11 +173,11 @@ def stage_config(stage: str, plan: DemoPlan, out_dir: Path, train_json: Path, wo
 
 
 def train_stage(config, features) -> Path:
-    from .data.dataset import LlavaDataset
-    from .model import RUN_INFO_FILE
-    from .training.config import load_config
-    from .training.engine import CONFIG_COPY, load_model, train
-    from .training.feature_dataset import CachedFeatureDataset
+    from ..data.dataset import LlavaDataset
+    from ..model import RUN_INFO_FILE
+    from ..training.config import load_config
+    from ..training.engine import CONFIG_COPY, load_model, train
+    from ..training.feature_dataset import CachedFeatureDataset
 
     final = Path(config.output_dir)
     saved = final / CONFIG_COPY
@@ -259,9 +199,9 @@ def train_stage(config, features) -> Path:
 def evaluate(model, processor, model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str,
              out: Path) -> dict[str, Any]:
     """The questions of the split's first `plan.eval_images` images, answered and scored; returns the scores."""
-    from .data.world.make import split_files
-    from .evaluation.evaluate import evaluate_questions
-    from .evaluation.records import read_jsonl
+    from .world.make import split_files
+    from ..evaluation.evaluate import evaluate_questions
+    from ..evaluation.records import read_jsonl
 
     files = split_files(split)
     images = set(split_images(world, split)[0][: plan.eval_images])
@@ -301,10 +241,10 @@ def measure_latency(model, processor, world: Path, plan: DemoPlan) -> dict[str, 
 
 def measure_image_reliance(model, processor, val_data: Path, world: Path, features) -> dict[str, Any]:
     """Held-out stage-2 loss with each sample's own image vs another's (see evaluation.image_reliance)."""
-    from .data.dataset import LlavaDataset
-    from .evaluation.image_reliance import image_reliance
-    from .training.engine import make_collator
-    from .training.feature_dataset import CachedFeatureDataset
+    from ..data.dataset import LlavaDataset
+    from ..evaluation.image_reliance import image_reliance
+    from ..training.engine import make_collator
+    from ..training.feature_dataset import CachedFeatureDataset
 
     base = LlavaDataset(val_data, world, processor, load_images=False)
     dataset = CachedFeatureDataset(base, features, model.vision_feature_layers)
@@ -313,7 +253,7 @@ def measure_image_reliance(model, processor, val_data: Path, world: Path, featur
 
 def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip: Path, llm: Path,
                   tokenizer_dir: Path, features, plan: DemoPlan, seed: int) -> dict[str, Any]:
-    from .evaluation.loading import load_for_inference
+    from ..evaluation.loading import load_for_inference
 
     folder = out / name
     options = plan.projector_options.get(name, {})
@@ -343,7 +283,7 @@ def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip
 
 
 def last_loss(stage_dir: Path) -> float:
-    from .training.metrics import METRICS_FILE
+    from ..training.metrics import METRICS_FILE
 
     return json.loads((stage_dir / METRICS_FILE).read_text().splitlines()[-1])["loss"]
 
@@ -351,7 +291,7 @@ def last_loss(stage_dir: Path) -> float:
 def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS) -> Path:
     from transformers.utils import logging as transformers_logging
 
-    from .evaluation.report import write_report
+    from ..evaluation.report import write_report
 
     transformers_logging.disable_progress_bar()  # one bar per weight load would bury the demo's own progress
     out.mkdir(parents=True, exist_ok=True)
@@ -376,25 +316,8 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
         "runs": results,
     }
     (out / "report" / "demo.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    print((Path(paths["markdown"])).read_text())
     log(f"done in {summary['seconds']:.0f} s; report in {out / 'report'}")
     return out / "report"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="train and compare projectors end to end on the built-in world",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); reruns reuse its cache")
-    parser.add_argument("--quick", action="store_true", help="the small setting used by the tests (about 2 minutes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--projectors", nargs="+", default=list(DEMO_PROJECTORS),
-                        help=f"registered projector names (default: {' '.join(DEMO_PROJECTORS)})")
-    parser.set_defaults(func=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), QUICK if args.quick else DEFAULT, args.seed, tuple(args.projectors))
-    return 0
-
-
-__all__ = ["DEFAULT", "DEMO_PROJECTORS", "DemoPlan", "QUICK", "run_demo"]
+__all__ = ["run_demo"]

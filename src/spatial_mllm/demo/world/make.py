@@ -148,7 +148,7 @@ def _manifest(
 ) -> dict[str, Any]:
     return {
         "version": WORLD_VERSION,
-        "generator": "spatial_mllm.data.world",
+        "generator": "spatial_mllm.demo.world",
         "seed": seed,
         "canvas": config.canvas,
         "config": config.to_dict(),
