@@ -10,7 +10,7 @@ from PIL import Image
 
 from spatial_mllm.cli import main
 from spatial_mllm.demo import DEMO_PROJECTORS, QUICK
-from spatial_mllm.evaluation.loading import load_for_inference
+from spatial_mllm.model.loading import load_for_inference
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from spatial_mllm import cli
-from spatial_mllm.evaluation.loading import load_for_inference
+from spatial_mllm.model.loading import load_for_inference
 from spatial_mllm.evaluation.runner import read_questions
 from tiny import save_sharpened_model
 

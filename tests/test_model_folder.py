@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spatial_mllm import cli
-from spatial_mllm.evaluation.loading import load_for_inference
+from spatial_mllm.model.loading import load_for_inference
 from spatial_mllm.model.folder import WEIGHTS_FILE, WEIGHTS_INDEX, check_model_folder
 from tiny import tiny_model
 

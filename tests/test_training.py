@@ -266,7 +266,11 @@ def test_merge_gives_the_same_logits(stage_runs, tmp_path, capsys, cli_main):
     assert (expected - base_logits).abs().max() > 1e-4  # the adapter matters...
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # ...and merging keeps its effect
     # the run's facts (template, prompt conventions) travel with the merged model
-    assert (merged_dir / RUN_INFO_FILE).read_bytes() == (stage_runs["stage2"] / RUN_INFO_FILE).read_bytes()
+    merged_info = json.loads((merged_dir / RUN_INFO_FILE).read_text())
+    lora_info = json.loads((stage_runs["stage2"] / RUN_INFO_FILE).read_text())
+    assert {k: merged_info[k] for k in ("model_id", "stage", "projector")} == {k: lora_info[k] for k in ("model_id", "stage", "projector")}
+    assert merged_info["files"] == sorted(p.name for p in merged_dir.iterdir())  # its own files, no adapter
+    assert "adapter_model.safetensors" in lora_info["files"] and merged_info["merged_from"] == str(stage_runs["stage2"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder left behind
     assert cli_main(["merge", "--model", str(merged_dir), "--out", str(tmp_path / "again")]) == 2
     assert "holds no LoRA adapter" in capsys.readouterr().err

@@ -62,10 +62,13 @@ def images_digest(images: Sequence[Image.Image | str | os.PathLike]) -> str:
 
 
 def tokenizer_digest(tokenizer) -> str:
-    """Digest of what decides token ids: the vocabulary, special tokens and (for fast tokenizers) the pipeline."""
+    """Digest of what decides token ids: the vocabulary, special tokens and (for fast tokenizers) the pipeline
+    (its padding and truncation settings aside: they change with use, not with the vocabulary)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = backend.to_str() if backend is not None else ""
-    return digest(sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, pipeline)
+    pipeline = {}
+    if backend is not None:
+        pipeline = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    return digest(sorted(tokenizer.get_vocab().items()), sorted(tokenizer.all_special_tokens), pipeline)
 
 
 def code_version(*source_files: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         # User-facing problems (bad file, bad record, bad option) end with their message, not a traceback.
         # the full command, nested ones included (`data check`: dest "data_command")
         name = " ".join([args.command] + [value for key, value in vars(args).items() if key.endswith("_command")])

@@ -18,6 +18,32 @@ from typing import Any
 STAGING_PREFIX = ".tmp-"
 
 
+def check_output(
+    path: str | os.PathLike,
+    what: str,
+    *,
+    inputs: dict[str, str | os.PathLike | None] | None = None,
+    overwrite: bool = False,
+    folder: bool = False,
+) -> Path:
+    """The rule for everything a command writes, checked before any work: an output that is one of the inputs is
+    refused; an existing output is replaced only with `overwrite`; a file output must not be a folder (and the
+    reverse). `what` names the output in messages (e.g. "--out"), `inputs` maps input names to paths."""
+    path = Path(path)
+    for name, given in (inputs or {}).items():
+        if given is not None and path.resolve() == Path(given).resolve():
+            raise ValueError(f"{what} {path} is also the input {name}: writing it would destroy the input; choose another")
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; name the file to write")
+    exists = path.is_dir() and any(path.iterdir()) if folder else path.exists()
+    if exists and not overwrite:
+        state = "already exists and is not an empty folder" if folder else "already exists"
+        raise FileExistsError(f"{what} {path} {state}; pass --overwrite to replace it")
+    return path
+
+
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -57,6 +83,36 @@ def publish(staging: Path, target: str | os.PathLike | None = None) -> Path:
     os.replace(staging, final)
     fsync_dir(final.parent)
     return final
+
+
+def rename(path: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Atomically move `path` to `target` in the same folder, the move itself made durable."""
+    os.replace(path, target)
+    fsync_dir(Path(target).parent)
+    return Path(target)
+
+
+def new_staging_folder(parent: str | os.PathLike, name: str) -> Path:
+    """A fresh hidden folder in `parent` to assemble outputs in before they are moved into place."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}.", dir=parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
+def move_into(staging: str | os.PathLike, folder: str | os.PathLike) -> list[str]:
+    """Move every file of a fully written staging folder into `folder` (each replacing its namesake atomically),
+    remove the staging folder, and return the names moved."""
+    staging, folder = Path(staging), Path(folder)
+    fsync_tree(staging)
+    names = sorted(path.name for path in staging.iterdir())
+    for name in names:
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            shutil.rmtree(folder / name)
+        os.replace(staging / name, folder / name)
+    staging.rmdir()
+    fsync_dir(folder)
+    return names
 
 
 def _clear(path: Path) -> None:
@@ -100,9 +156,7 @@ def write_folder(folder: str | os.PathLike, build: Callable[[Path], None]) -> Pa
     """`build(tmp)` a folder beside `folder` (under a unique hidden name), then rename it to `folder`, replacing
     what was there."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{folder.name}.", dir=folder.parent))
-    os.chmod(staging, 0o777 & ~_umask())
+    staging = new_staging_folder(folder.parent, folder.name)
     try:
         build(staging)
         return publish(staging, folder)
@@ -111,4 +165,4 @@ def write_folder(folder: str | os.PathLike, build: Callable[[Path], None]) -> Pa
             _clear(staging)
 
 
-__all__ = ["fsync_dir", "fsync_tree", "publish", "staging_path", "write_file", "write_folder", "write_json", "write_text"]
+__all__ = ["check_output", "fsync_dir", "move_into", "new_staging_folder", "rename", "fsync_tree", "publish", "staging_path", "write_file", "write_folder", "write_json", "write_text"]

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from ..model.configuration import IMAGE_TOKEN
 from ..model.conversation import IGNORE_INDEX
+from .images import ImageProblem, check_image_file, open_image
 
 if TYPE_CHECKING:
     from ..model.processing import SpatialMLLMProcessor
@@ -54,6 +55,7 @@ class ProblemKind(StrEnum):
     UNKNOWN_ROLE = "unknown_role"
     PLACEHOLDER_MISMATCH = "placeholder_mismatch"
     TEMPLATE = "template"
+    BAD_IMAGE_PATH = "bad_image_path"
     MISSING_IMAGE = "missing_image"
     UNREADABLE_IMAGE = "unreadable_image"
     OVERLONG = "overlong"
@@ -184,8 +186,10 @@ def normalize_record(
         return problem("conversations", template_problem, ProblemKind.TEMPLATE)
 
     for image in images:
-        if not (image_folder / image).is_file():
-            return problem("image", f"file not found: {image} (looked in {image_folder})", ProblemKind.MISSING_IMAGE)
+        try:
+            check_image_file(image_folder, image)
+        except ImageProblem as found:
+            return problem("image", str(found), ProblemKind(found.kind))
 
     return Record(index, raw.get("id", index), tuple(images), tuple(messages))
 
@@ -228,20 +232,13 @@ def scan_file(
 
 
 def load_images(record: Record, image_folder: Path, file: str) -> list[Image.Image]:
-    """Fully decoded RGB images of a record; DataError naming the record if one cannot be decoded."""
+    """Fully decoded RGB images of a record; DataError naming the record if one cannot be used."""
     images = []
     for relative in record.images:
         try:
-            with Image.open(image_folder / relative) as image:
-                images.append(image.convert("RGB"))  # convert() forces the full decode
-        except FileNotFoundError:
-            message = f"file not found: {relative} (looked in {image_folder})"
-            missing = DataProblem(file, record.index, "image", message, ProblemKind.MISSING_IMAGE)
-            raise DataError(missing) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            # PIL reports corrupt files as OSError (truncated, unidentified) or SyntaxError (broken PNG chunks).
-            message = f"cannot decode {relative}: {err}"
-            raise DataError(DataProblem(file, record.index, "image", message, ProblemKind.UNREADABLE_IMAGE)) from None
+            images.append(open_image(image_folder, relative))
+        except ImageProblem as found:
+            raise DataError(DataProblem(file, record.index, "image", str(found), ProblemKind(found.kind))) from None
     return images
 
 

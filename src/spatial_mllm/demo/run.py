@@ -214,7 +214,7 @@ def evaluate(model, processor, model_dir: Path, world: Path, split: str, plan: D
     evaluation = evaluate_questions(
         model, processor, subsets["questions"], world, out / f"{split}_answers.jsonl",
         answer_key=subsets["answer_key"], name=name, model_dir=model_dir, batch_size=32, max_new_tokens=4,
-        progress=False,
+        overwrite=True, progress=False,  # the demo's own files, remade when its models change
     )
     return evaluation.scores
 
@@ -253,7 +253,7 @@ def measure_image_reliance(model, processor, val_data: Path, world: Path, featur
 
 def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip: Path, llm: Path,
                   tokenizer_dir: Path, features, plan: DemoPlan, seed: int) -> dict[str, Any]:
-    from ..evaluation.loading import load_for_inference
+    from ..model.loading import load_for_inference
 
     folder = out / name
     options = plan.projector_options.get(name, {})

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..model.chat_templates import template_names
-from .evaluate import SCORES_SUFFIX, evaluate_questions
-from .loading import load_for_inference
+from .evaluate import SCORES_SUFFIX, evaluate, plan_evaluation
+from ..model.loading import load_for_inference
+from .runner import partial_path
 from .report import markdown_table, read_run, read_runs, write_report
 
 
@@ -51,6 +52,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--suffix", default="", help="text added on a new line after each question")
     parser.add_argument("--strict", action="store_true", help="stop at the first line that cannot be answered")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing answers file and its scores")
     parser.add_argument(
         "--name", help="run name in scores and reports (default: the model folder and its parent, e.g. saep/stage2)"
     )
@@ -106,25 +108,20 @@ def _register_image_reliance(subparsers: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch-size and --max-new-tokens must be at least 1")
+    # Files first: a bad question file, key or output fails in seconds, before the model loads.
+    plan = plan_evaluation(
+        args.questions, args.images, args.out, answer_key=args.answer_key, pope=args.pope, name=args.name,
+        model_dir=args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, suffix=args.suffix,
+        strict=args.strict, overwrite=args.overwrite,
+    )
     model, processor = load_for_inference(args.model)
     if args.template:
         processor.use_template(args.template)
-    evaluation = evaluate_questions(
-        model,
-        processor,
-        args.questions,
-        args.images,
-        args.out,
-        answer_key=args.answer_key,
-        pope=args.pope,
-        name=args.name,
-        model_dir=args.model,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        suffix=args.suffix,
-        strict=args.strict,
-        progress=not args.quiet,
-    )
+    try:
+        evaluation = evaluate(model, processor, plan, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; the answers so far are kept in {partial_path(plan.out_file)}", file=sys.stderr)
+        return 130
     for found in evaluation.skipped:
         print(f"skipped: {found}", file=sys.stderr)
     print(f"{evaluation.answered} questions answered, {len(evaluation.skipped)} lines skipped; answers: {args.out}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import file_digest
+from ..files import check_output, write_json
 from .metrics import read_key_item, score_answers
 from .pope import pope_label, score_pope
 from .records import describe_ids, read_jsonl
@@ -50,9 +51,28 @@ def default_run_name(model_dir: Path) -> str:
     return f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name
 
 
-def evaluate_questions(
-    model,
-    processor,
+@dataclass
+class EvalPlan:
+    """Everything about an evaluation that is checked before a model is loaded: the questions that can be asked
+    (and the lines that cannot), the answer key, the outputs and the generation settings."""
+
+    questions_file: Path
+    image_folder: Path | None
+    out_file: Path
+    questions: list[Question]
+    skipped: list[QuestionProblem]
+    answer_key: Path | None = None
+    key: list[dict[str, Any]] | None = None
+    pope: bool = False
+    name: str | None = None
+    model_dir: Path | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    suffix: str = ""
+    strict: bool = False
+
+
+def plan_evaluation(
     questions_file: str | Path,
     image_folder: str | Path | None,
     out_file: str | Path,
@@ -65,20 +85,20 @@ def evaluate_questions(
     max_new_tokens: int = 16,
     suffix: str = "",
     strict: bool = False,
-    progress: bool = True,
-) -> Evaluation:
-    """Answer `questions_file` greedily with a loaded model and its processor (prompted with the processor's chat
-    template), write the answers to `out_file`, score them against `answer_key` (the built-in world's) or as POPE
-    (labels in the question file), and write the scores with the run's facts beside the answers.
-
-    Lines that cannot be answered are skipped and returned in `skipped` (with `strict`, the first raises).
-    `name` defaults to the model folder and its parent; `model_dir` names the folder in the facts.
-    """
+    overwrite: bool = False,
+) -> EvalPlan:
+    """Read and check what `evaluate` needs, so that a bad file fails in seconds rather than after loading a model
+    and generating: the question lines (broken ones skipped and listed, or the first raised with `strict`), the
+    answer key against them, POPE labels, and the outputs (an existing answers or scores file is replaced only with
+    `overwrite`; an output that is an input is refused)."""
     if answer_key is not None and pope:
         raise ValueError("score with an answer key or as POPE, not both")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch size and max_new_tokens must be at least 1")
-    questions_file = Path(questions_file)
+    questions_file, out_file = Path(questions_file), Path(out_file)
+    inputs = {"--questions": questions_file, "--answer-key": answer_key, "--model": model_dir}
+    check_output(out_file, "--out", inputs=inputs, overwrite=overwrite)
+    check_output(scores_path(out_file), "scores file", inputs=inputs, overwrite=overwrite)
     folder = Path(image_folder) if image_folder is not None else None
     questions, problems = read_questions(questions_file, folder, strict)
     if not questions:
@@ -87,23 +107,37 @@ def evaluate_questions(
     key = read_answer_key(Path(answer_key), questions, problems) if answer_key is not None else None
     if pope:
         check_pope_labels(questions_file, questions)
-
-    model_id = Path(model_dir).name if model_dir is not None else (name or "model")
-    result = answer_questions(
-        model, processor, questions, folder, out_file, model_id, batch_size, max_new_tokens, suffix, progress
+    return EvalPlan(
+        questions_file, folder, out_file, questions, problems, Path(answer_key) if answer_key else None, key, pope,
+        name, Path(model_dir) if model_dir is not None else None, batch_size, max_new_tokens, suffix, strict,
     )
-    result.problems = problems
-    facts = run_facts(model, result, questions_file, name or (default_run_name(model_dir) if model_dir else model_id),
-                      model_dir, batch_size, max_new_tokens, suffix)
-    if key is not None:
-        facts.update(score_with_key(Path(answer_key), key, result))
-    elif pope:
-        facts.update(score_pope_run(questions_file, result))
-    path = scores_path(result.answers_file)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(facts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return Evaluation(result.answers_file, path, facts, result.answered, problems)
+
+
+def evaluate(model, processor, plan: EvalPlan, progress: bool = True) -> Evaluation:
+    """Answer the plan's questions greedily with a loaded model and its processor (prompted with the processor's
+    chat template), write the answers, score them against the answer key (the built-in world's) or as POPE
+    (labels in the question file), and write the scores with the run's facts beside the answers."""
+    model_id = plan.model_dir.name if plan.model_dir is not None else (plan.name or "model")
+    result = answer_questions(
+        model, processor, plan.questions, plan.image_folder, plan.out_file, model_id, plan.batch_size,
+        plan.max_new_tokens, plan.suffix, plan.strict, progress,
+    )
+    result.problems = plan.skipped + result.problems
+    name = plan.name or (default_run_name(plan.model_dir) if plan.model_dir is not None else model_id)
+    facts = run_facts(model, result, plan.questions_file, name, plan.model_dir, plan.batch_size, plan.max_new_tokens,
+                      plan.suffix)
+    if plan.key is not None:
+        facts.update(score_with_key(plan.answer_key, plan.key, result))
+    elif plan.pope:
+        facts.update(score_pope_run(plan.questions_file, result))
+    path = write_json(scores_path(result.answers_file), facts)
+    return Evaluation(result.answers_file, path, facts, result.answered, result.problems)
+
+
+def evaluate_questions(model, processor, questions_file, image_folder, out_file, *, progress: bool = True,
+                       **options) -> Evaluation:
+    """`plan_evaluation` then `evaluate`, for a model already loaded (options as `plan_evaluation` takes them)."""
+    return evaluate(model, processor, plan_evaluation(questions_file, image_folder, out_file, **options), progress)
 
 
 def run_facts(
@@ -198,7 +232,10 @@ def score_pope_run(questions_file: Path, result: EvalResult) -> dict[str, Any]:
 
 __all__ = [
     "SCORES_SUFFIX",
+    "EvalPlan",
     "Evaluation",
+    "evaluate",
+    "plan_evaluation",
     "default_run_name",
     "evaluate_questions",
     "read_answer_key",

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..model import IGNORE_INDEX, IMAGE_TOKEN, Segment
-from .loading import load_for_inference
+from ..model.loading import load_for_inference
 from .runner import generate_batch
 
 MODEL_ID = "spatial_mllm"  # the name given to lmms-eval's --model

@@ -10,10 +10,9 @@ only where the two best logits are that close.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..data.images import ImageProblem, check_image_file, open_image
 from ..model.configuration import IMAGE_TOKEN
 from .records import jsonl_lines
 
@@ -46,6 +46,7 @@ class Question:
     category: str | None
     line: int
     record: dict[str, Any] = field(default_factory=dict)  # the whole JSON line (POPE labels, say)
+    file: str = ""  # the question file, for problems found later (an image that does not decode)
 
 
 @dataclass
@@ -96,20 +97,25 @@ def read_questions(path: Path, image_folder: Path | None, strict: bool) -> tuple
             if image_folder is None:
                 problem(line_number, "image", "the question has an image but no image folder was given")
                 continue
-            unreadable = _unreadable_image(image_folder / str(image))
+            unreadable = _unreadable_image(image_folder, image)
             if unreadable:
                 problem(line_number, "image", unreadable)
                 continue
         first_line_of[key] = line_number
         category = record.get("category")
-        questions.append(Question(record["question_id"], text, image, category, line_number, record))
+        questions.append(Question(record["question_id"], text, image, category, line_number, record, str(path)))
     return questions, problems
 
 
-def _unreadable_image(path: Path) -> str | None:
-    """Why `path` cannot be used as an image, or None; only the header is read, so this stays cheap."""
-    if not path.is_file():
-        return f"file not found: {path}"
+def _unreadable_image(folder: Path, image: Any) -> str | None:
+    """Why the question's image cannot be used, or None. Only the header is read here, so this stays cheap; the
+    whole image is decoded when it is asked about (a truncated file is skipped then)."""
+    if not isinstance(image, str) or not image:
+        return f"must be a path relative to the image folder, got {image!r}"
+    try:
+        path = check_image_file(folder, image)
+    except ImageProblem as found:
+        return str(found).replace(f"file not found: {image} (looked in {folder})", f"file not found: {folder / image}")
     try:
         with Image.open(path):
             return None
@@ -186,9 +192,12 @@ def question_prompt(question: Question, suffix: str = "") -> str:
     return f"{IMAGE_TOKEN}\n{text}" if question.image is not None else text
 
 
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as picture:
-        return picture.convert("RGB")
+@dataclass
+class Answer:
+    question: Question
+    prompt: str  # the user turn asked (question, suffix, placeholder)
+    text: str
+    new_tokens: int
 
 
 def generate_answers(
@@ -199,31 +208,46 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     suffix: str = "",
+    strict: bool = False,
     progress: bool = True,
-) -> tuple[list[str], list[str], int]:
-    """Greedy answers (and the user turns asked) for each question, in order, and the number of tokens generated.
-    Prompts are the processor's chat template around each question."""
+) -> Iterator[Answer | QuestionProblem]:
+    """Greedy answers to the questions, in order, as they are generated; a question whose image cannot be decoded
+    comes out as a QuestionProblem instead (raised as ValueError when `strict`). Prompts are the processor's chat
+    template around each question."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tokenizer = processor.tokenizer
-    answers, prompts, new_tokens = [], [], 0
     with tqdm(total=len(questions), desc="eval", unit="q", disable=not progress) as bar:
         for start in range(0, len(questions), batch_size):
-            chunk = questions[start : start + batch_size]
-            contents = [question_prompt(q, suffix) for q in chunk]
-            rendered = [
-                processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-                for content in contents
-            ]
-            pictures = [load_image(image_folder / q.image) for q in chunk if q.image is not None]
-            for continuation in generate_batch(model, processor, rendered, pictures, max_new_tokens):
-                new_tokens += len(continuation)
-                answers.append(tokenizer.decode(continuation, skip_special_tokens=True).strip())
-            prompts += contents
-            bar.update(len(chunk))
-    return answers, prompts, new_tokens
+            chunk, pictures = [], []
+            for question in questions[start : start + batch_size]:
+                try:
+                    pictures += [open_image(image_folder, question.image)] if question.image is not None else []
+                except ImageProblem as found:
+                    problem = QuestionProblem(question.file, question.line, "image", str(found))
+                    if strict:
+                        raise ValueError(str(problem)) from None
+                    yield problem
+                    continue
+                chunk.append(question)
+            if chunk:
+                contents = [question_prompt(q, suffix) for q in chunk]
+                rendered = [
+                    processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+                    for content in contents
+                ]
+                continuations = generate_batch(model, processor, rendered, pictures, max_new_tokens)
+                for question, content, continuation in zip(chunk, contents, continuations):
+                    text = tokenizer.decode(continuation, skip_special_tokens=True).strip()
+                    yield Answer(question, content, text, len(continuation))
+            bar.update(len(questions[start : start + batch_size]))
+
+
+def partial_path(out_file: Path) -> Path:
+    """Where answers go while they are generated; what a stopped run leaves behind."""
+    return out_file.with_name(out_file.name + ".partial")
 
 
 def answer_questions(
@@ -236,40 +260,56 @@ def answer_questions(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     suffix: str = "",
+    strict: bool = False,
     progress: bool = True,
 ) -> EvalResult:
-    """Answers the questions and writes LLaVA's answers JSONL to `out_file` (atomically)."""
+    """Answers the questions into LLaVA's answers JSONL at `out_file`. Each batch's answers are appended to
+    `<out_file>.partial` as they come, which becomes `out_file` when every question has been asked: a run stopped
+    half-way keeps what it answered, and `out_file` never holds a partial run."""
+    from ..files import publish
+
     folder = Path(image_folder) if image_folder is not None else None
-    started = time.perf_counter()
-    answers, prompts, new_tokens = generate_answers(
-        model, processor, questions, folder, batch_size, max_new_tokens, suffix, progress
-    )
-    seconds = time.perf_counter() - started
     template = processor.template
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(out_file.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for q, prompt, text in zip(questions, prompts, answers):
+    partial = partial_path(out_file)
+    answered: list[Question] = []
+    problems: list[QuestionProblem] = []
+    new_tokens = 0
+    started = time.perf_counter()
+    with partial.open("w", encoding="utf-8") as handle:
+        for result in generate_answers(
+            model, processor, questions, folder, batch_size, max_new_tokens, suffix, strict, progress
+        ):
+            if isinstance(result, QuestionProblem):
+                problems.append(result)
+                continue
+            q = result.question
             record = {
                 "question_id": q.question_id,
-                "prompt": prompt,
-                "text": text,
+                "prompt": result.prompt,
+                "text": result.text,
                 "answer_id": answer_id(model_id, q.question_id),
                 "model_id": model_id,
                 "metadata": {"template": template, "suffix": suffix, "category": q.category},
             }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(out_file)
-    return EvalResult(out_file, len(questions), [], seconds, new_tokens, questions, template)
+            handle.flush()
+            answered.append(q)
+            new_tokens += result.new_tokens
+    seconds = time.perf_counter() - started
+    publish(partial, out_file)
+    return EvalResult(out_file, len(answered), problems, seconds, new_tokens, answered, template)
 
 
 __all__ = [
+    "Answer",
     "EvalResult",
     "Question",
     "StopOnStrings",
     "QuestionProblem",
     "answer_questions",
+    "partial_path",
     "generate_answers",
     "generate_batch",
     "question_prompt",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
+from ..cache import tokenizer_digest
 from ..vision.tower import VisionTower, backbone_of, vision_config_of
 from .configuration import IMAGE_TOKEN, SpatialMLLMConfig
 from .modeling import SpatialMLLMForConditionalGeneration
@@ -66,6 +67,7 @@ def build_model(
         projector_options=dict(projector_options or {}),
         image_token_id=image_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tokenizer_digest=tokenizer_digest(tokenizer),
     )
     model = SpatialMLLMForConditionalGeneration(config, vision_tower=tower, language_model=lm)
     if dtype is not None:

@@ -18,6 +18,8 @@ class SpatialMLLMConfig(PreTrainedConfig):
     text_config: the config of any transformers causal LM (Llama, Qwen2, ...).
     projector_type: a name in `spatial_mllm.projectors.PROJECTORS`; projector_options: its keyword options.
     image_token_id: the id of `<image>` in the tokenizer; each image occupies `num_image_tokens` such tokens.
+    tokenizer_digest: digest of the tokenizer the model was built with (vocabulary, special tokens, pipeline), so
+    that a folder holding another tokenizer is refused at loading instead of answering garbage.
     """
 
     model_type = "spatial_mllm"
@@ -31,6 +33,7 @@ class SpatialMLLMConfig(PreTrainedConfig):
     projector_type: str = "mlp2x_gelu"
     projector_options: dict | None = None
     image_token_id: int | None = None
+    tokenizer_digest: str | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

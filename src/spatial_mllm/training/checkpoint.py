@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,6 +39,11 @@ TRAINER_STATE = "trainer_state.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
 SHARDED_STATE = "sharded_state"
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
+DELETING_PREFIX = ".tmp-delete-"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files cannot be read (truncated, zeroed, missing a part): resume falls back to an older one."""
 
 
 @dataclass
@@ -55,7 +61,11 @@ class TrainerState:
 
     @classmethod
     def load(cls, folder: Path) -> TrainerState:
-        return cls(**json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8")))
+        path = folder / TRAINER_STATE
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+            raise CorruptCheckpointError(f"{path}: not a trainer state ({err})") from None
 
 
 # --- nested state (optimiser, scheduler, RNG) as safetensors + JSON ----------------------------------------------------
@@ -175,15 +185,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
+    """Deletes all but the last `keep_last` checkpoints. Each is first renamed to a hidden name (atomic), so a run
+    killed while deleting leaves a hidden half-deleted folder that the next start clears, never a checkpoint that
+    looks complete and is not."""
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        doomed = old.parent / f"{DELETING_PREFIX}{old.name}"
+        files.rename(old, doomed)
+        shutil.rmtree(doomed)
 
 
 def remove_stale_staging(output_dir: str | Path) -> None:
-    """Half-written checkpoints of a killed run."""
+    """Half-written checkpoints and half-deleted ones of a killed run."""
     root = checkpoint_root(output_dir)
     if root.is_dir():
-        for path in root.glob(".tmp-step-*"):
+        for path in [*root.glob(".tmp-step-*"), *root.glob(f"{DELETING_PREFIX}*")]:
             shutil.rmtree(path)
 
 
@@ -239,7 +254,11 @@ def load_checkpoint(
     fingerprint: dict[str, Any],
 ) -> tuple[TrainerState, dict[str, Any] | None]:
     """Restores weights, optimiser and scheduler from a checkpoint; returns its trainer state and this process's
-    RNG state (None if the checkpoint was written by fewer processes), to restore right before training resumes."""
+    RNG state (None if the checkpoint was written by fewer processes), to restore right before training resumes.
+
+    Every part is read before anything is restored, so a checkpoint whose files are damaged raises
+    CorruptCheckpointError (naming the file) and leaves the model as it was. Settings that differ from the
+    checkpoint's run are a ValueError: that is no reason to fall back to an older checkpoint."""
     state = TrainerState.load(folder)
     differences = [
         f"{key}: checkpoint {state.fingerprint.get(key)!r}, now {value!r}"
@@ -251,20 +270,36 @@ def load_checkpoint(
             f"cannot resume from {folder}: it belongs to a run with other settings ({'; '.join(differences)}); "
             "use the same settings or a new output_dir"
         )
-    if is_sharded(accelerator):
-        accelerator.load_state(str(folder / SHARDED_STATE))
-    else:
-        load_trainable(accelerator.unwrap_model(model), folder / TRAINABLE_WEIGHTS)
-        optimizer.load_state_dict(load_tree(folder, "optimizer"))
-    scheduler.load_state_dict(load_tree(folder, "scheduler"))
     rank_part = rng_part(accelerator.process_index)
-    rng = load_tree(folder, rank_part) if (folder / f"{rank_part}.json").is_file() else None
+    if is_sharded(accelerator):
+        scheduler_state = _read(folder, "scheduler", lambda: load_tree(folder, "scheduler"))
+        rng = _read(folder, rank_part, lambda: load_tree(folder, rank_part)) if (folder / f"{rank_part}.json").is_file() else None
+        try:
+            accelerator.load_state(str(folder / SHARDED_STATE))
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise CorruptCheckpointError(f"{folder / SHARDED_STATE}: cannot be loaded ({str(err)[:200]})") from None
+    else:
+        weights = _read(folder, TRAINABLE_WEIGHTS, lambda: load_file(folder / TRAINABLE_WEIGHTS))
+        optimizer_state = _read(folder, "optimizer", lambda: load_tree(folder, "optimizer"))
+        scheduler_state = _read(folder, "scheduler", lambda: load_tree(folder, "scheduler"))
+        rng = _read(folder, rank_part, lambda: load_tree(folder, rank_part)) if (folder / f"{rank_part}.json").is_file() else None
+        load_trainable(accelerator.unwrap_model(model), folder / TRAINABLE_WEIGHTS, weights)
+        optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     return state, rng
 
 
-def load_trainable(model: nn.Module, path: Path) -> None:
-    """Copies checkpointed trainable weights into the model; the names must be exactly its trainable parameters."""
-    weights = load_file(path)
+def _read(folder: Path, part: str, read):
+    try:
+        return read()
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CorruptCheckpointError(f"{folder}: part {part!r} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def load_trainable(model: nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Copies checkpointed trainable weights (read from `path` unless given) into the model; the names and shapes
+    must be exactly its trainable parameters'."""
+    weights = load_file(path) if weights is None else weights
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
@@ -272,12 +307,16 @@ def load_trainable(model: nn.Module, path: Path) -> None:
         raise ValueError(
             f"{path} does not match the model's trainable parameters: missing {missing[:5]}, unexpected {extra[:5]}"
         )
+    wrong = [name for name, tensor in weights.items() if tensor.shape != params[name].shape]
+    if wrong:
+        raise CorruptCheckpointError(f"{path}: shapes differ from the model's for {wrong[:5]}")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
 
 
 __all__ = [
+    "CorruptCheckpointError",
     "TRAINABLE_WEIGHTS",
     "TrainerState",
     "capture_rng",

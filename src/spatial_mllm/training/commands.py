@@ -1,4 +1,4 @@
-"""`spatial-mllm train` and `spatial-mllm merge`."""
+"""`spatial-mllm train` and `spatial-mllm merge`: argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     merge.add_argument("--model", required=True, help="output folder of a LoRA training run")
     merge.add_argument("--out", required=True, help="folder for the merged model (created)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.set_defaults(func=_merge)
 
 
@@ -51,6 +52,6 @@ def _train(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .lora import merge_lora_folder
 
-    out = merge_lora_folder(args.model, args.out)
+    out = merge_lora_folder(args.model, args.out, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0

@@ -132,6 +132,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     output_dir: str = "outputs/run"
     resume: str | None = None  # null: start fresh; "auto": latest checkpoint in output_dir; or a checkpoint folder
+    overwrite: bool = False  # replace a run already in output_dir (never anything else)
 
     def validate(self) -> TrainConfig:
         """Checks types (also of values set in code) and ranges; raises ValueError naming the key."""

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor, build_model
-from ..model.folder import check_model_folder
+from ..files import move_into, new_staging_folder
+from ..model.loading import adapter_is_its_own, load_model_folder, run_info
 from .batches import MicroBatchSampler, VisionFeatureCollator, move_batch
 from .checkpoint import (
+    CHECKPOINTS,
+    CorruptCheckpointError,
     write_json,
     TrainerState,
     latest_checkpoint,
@@ -40,8 +44,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, save_config
-from .lora import ADAPTER_CONFIG, inject_lora, save_adapter, split_lora_state_dict
-from .metrics import MetricsLogger
+from .lora import inject_lora, save_adapter, split_lora_state_dict
+from .metrics import LOSS_PLOT, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger
 from .params import component_of, configure_trainable, parameter_groups, upcast_trainable
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ CONFIG_COPY = "train_config.yaml"
 RESUME_FREE_KEYS = {
     "data.num_workers", "data.strict", "optimisation.micro_batch_size", "optimisation.gradient_checkpointing",
     "optimisation.mixed_precision", "checkpoint.every_steps", "checkpoint.keep_last", "output_dir", "resume",
+    "overwrite",
 }
 
 
@@ -110,13 +115,12 @@ def load_model(config: TrainConfig) -> tuple[SpatialMLLMForConditionalGeneration
     if config.stage.init_from is None:
         m = config.model
         return build_model(m.vision, m.llm, m.tokenizer or m.llm, m.projector, m.projector_options, dtype=dtype)
-    folder = check_model_folder(config.stage.init_from, "stage.init_from")
-    if (folder / ADAPTER_CONFIG).is_file():
+    folder = Path(config.stage.init_from)
+    model, processor = load_model_folder(folder, dtype, what="stage.init_from", adapter=False)
+    if adapter_is_its_own(folder, run_info(folder)):
         raise ValueError(
             f"stage.init_from {folder} holds a LoRA adapter; fold it in first: spatial-mllm merge --model {folder} --out DIR"
         )
-    model = SpatialMLLMForConditionalGeneration.from_pretrained(folder, dtype=dtype)
-    processor = SpatialMLLMProcessor.from_pretrained(folder)
     wanted = config.model.projector
     if wanted is not None and wanted != model.config.projector_type:
         raise ValueError(f"stage.init_from {folder} holds a {model.config.projector_type!r} model but model.projector is {wanted!r}")
@@ -178,20 +182,56 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def checkpoint_to_resume(config: TrainConfig) -> Path | None:
+def checkpoints_to_resume(config: TrainConfig) -> list[Path]:
+    """The checkpoints to try, best first: with resume=auto every complete one of output_dir, newest first (a
+    damaged newest one falls back to the next); with a folder, that one; none for a fresh run."""
     output_dir = Path(config.output_dir)
     if config.resume is None:
-        if list_checkpoints(output_dir):
-            raise ValueError(
-                f"{output_dir} already holds checkpoints of a run: set resume=auto to continue it, or choose another output_dir"
-            )
-        return None
+        return []
     if config.resume == "auto":
-        return latest_checkpoint(output_dir)
+        return list_checkpoints(output_dir)[::-1]
     folder = Path(config.resume)
     if not is_complete(folder):
         raise FileNotFoundError(f"resume: {folder} is not a complete checkpoint folder (no trainer_state.json)")
-    return folder
+    return [folder]
+
+
+RUN_ARTEFACTS = {CONFIG_COPY, METRICS_FILE, LOSS_PLOT, TENSORBOARD_DIR, CHECKPOINTS, RUN_INFO_FILE}
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """output_dir must be new, empty, or a run of ours: continued with resume, replaced with overwrite=true
+    (its own files only); a folder holding anything else is refused, naming what is there."""
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder")
+    if not output_dir.is_dir():
+        return
+    present = {path.name for path in output_dir.iterdir() if not path.name.startswith(".tmp-")}
+    if not present:
+        return
+    own = RUN_ARTEFACTS | set(run_info(output_dir).get("files", []))
+    foreign = sorted(present - own)
+    if foreign:
+        shown = ", ".join(foreign[:6])
+        raise ValueError(
+            f"output_dir {output_dir} holds files that are not a spatial-mllm run of this toolkit ({shown}); "
+            "choose a new or empty folder"
+        )
+    if config.resume is not None:
+        return
+    if not config.overwrite:
+        what = "checkpoints of a run" if list_checkpoints(output_dir) else "a run"
+        raise ValueError(
+            f"output_dir {output_dir} already holds {what}: set resume=auto to continue it, overwrite=true to "
+            "replace it, or choose another output_dir"
+        )
+
+
+def clear_output_dir(output_dir: Path) -> None:
+    """Removes the files of the earlier run in output_dir (check_output_dir made sure there are no others)."""
+    for path in sorted(output_dir.iterdir()):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def describe_trainable(model: torch.nn.Module) -> str:
@@ -239,8 +279,12 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
     output_dir = Path(config.output_dir)
     if dataset is None:  # checked before minutes go into loading the models
         check_data_files(config)
+    check_output_dir(config)  # every process (read-only); the main one clears a run replaced with overwrite=true
     accelerator = make_accelerator(config)
-    resume_from = checkpoint_to_resume(config)
+    if accelerator.is_main_process and config.overwrite and config.resume is None:
+        clear_output_dir(output_dir)
+    accelerator.wait_for_everyone()
+    candidates = checkpoints_to_resume(config)
 
     set_seed(opt.seed)
     model, processor, lora_config = prepare_model(config)
@@ -257,11 +301,22 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
 
     fingerprint = resume_fingerprint(config, len(dataset))
     state = TrainerState(0, 0, 0, 0, total_steps, accelerator.num_processes, fingerprint)
-    rng = None
-    if resume_from is not None:
-        state, rng = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, fingerprint)
+    rng, resume_from = None, None
+    for candidate in candidates:
+        try:
+            state, rng = load_checkpoint(candidate, accelerator, model, optimizer, scheduler, fingerprint)
+        except CorruptCheckpointError as err:
+            logger.warning("skipping checkpoint %s: %s", candidate, err)
+            accelerator.print(f"[{config.stage.name}] skipping checkpoint {candidate}: {err}")
+            continue
+        resume_from = candidate
         if rng is None:
             logger.warning("%s has no RNG state for process %d: dropout will not repeat exactly", resume_from, accelerator.process_index)
+        break
+    if candidates and resume_from is None and config.resume != "auto":
+        raise ValueError(f"resume: {candidates[0]} cannot be read; see the message above")
+    if candidates and resume_from is None:
+        raise ValueError(f"resume=auto: none of the {len(candidates)} checkpoints in {output_dir} can be read")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(output_dir)
@@ -389,7 +444,8 @@ def export_model(
     config: TrainConfig,
 ) -> None:
     """Writes the trained model (and processor) to output_dir in config.model.dtype; with LoRA, the model without
-    LoRA plus the adapter beside it (transformers loads that folder as model + embedded adapter)."""
+    LoRA plus the adapter beside it (transformers loads that folder as model + embedded adapter). The files are
+    assembled in a hidden folder and moved in, then listed in the run info, written last."""
     state_dict = accelerator.get_state_dict(model)  # every process: gathers shards under ZeRO-3 / FSDP
     if not accelerator.is_main_process:
         return
@@ -397,16 +453,21 @@ def export_model(
     dtype = getattr(torch, config.model.dtype)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     unwrapped = accelerator.unwrap_model(model)
+    staging = new_staging_folder(output_dir, "export")
     if lora_config is None:
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        unwrapped.save_pretrained(staging, state_dict=state_dict)
     else:
         base, adapter = split_lora_state_dict(unwrapped, state_dict)
-        unwrapped.save_pretrained(output_dir, state_dict=base)
-        save_adapter(output_dir, adapter, lora_config)
-    processor.save_pretrained(output_dir)
-    # Written last: marks the folder complete (the processor, saved above, carries the template).
+        unwrapped.save_pretrained(staging, state_dict=base)
+        save_adapter(staging, adapter, lora_config)
+    processor.save_pretrained(staging)
+    (output_dir / RUN_INFO_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new run info is written
+    files = move_into(staging, output_dir)
+    # Written last: marks the folder complete and lists the model's own files, so that loading never picks up a
+    # file an earlier run left here (the processor, saved above, carries the template).
     write_json(output_dir / RUN_INFO_FILE, {"model_id": output_dir.name, "stage": config.stage.name,
-                                            "projector": unwrapped.config.projector_type})
+                                            "projector": unwrapped.config.projector_type,
+                                            "files": sorted(files + [RUN_INFO_FILE])})
 
 
 __all__ = ["NonFiniteLossError", "load_model", "train"]

@@ -1,30 +1,21 @@
-"""LoRA on the LLM's linear layers through peft, the LoRA output folder, and merging LoRA into the LLM.
-
-A LoRA run's output folder holds the full model without LoRA (config.json + model.safetensors, with the trained
-projector) and, beside it, the adapter in peft's format (adapter_config.json + adapter_model.safetensors).
-transformers loads such a folder as base model + embedded adapter, so `from_pretrained(folder)` gives the trained
-model whatever the folder is called; `merge_lora_folder` folds the adapter into the LLM and writes a plain folder.
-"""
+"""LoRA for training: peft layers on the LLM's linear layers, the adapter saved beside the model, and
+`merge_lora_folder`, which folds a LoRA run's adapter into the LLM and writes a plain folder (the folder format
+and attaching are in model/adapter.py)."""
 
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from safetensors.torch import save_file
 from torch import nn
 
+from ..model.adapter import ADAPTER_CONFIG, ADAPTER_NAME, ADAPTER_WEIGHTS, PEFT_PREFIX, has_lora, merge_lora
 from .config import LoraSection
 
-ADAPTER_NAME = "default"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LM_PREFIX = "language_model."
-PEFT_PREFIX = "base_model.model."  # peft's files name keys from its PeftModel wrapper
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -66,10 +57,6 @@ def inject_lora(model: nn.Module, section: LoraSection) -> LoraConfig:
     return config
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
 def split_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(base state dict with the plain layer names the model has without LoRA, adapter state dict in peft's
     on-disk naming) from the full state dict of a model carrying LoRA layers."""
@@ -83,86 +70,40 @@ def save_adapter(folder: Path, adapter_state: dict[str, torch.Tensor], config: L
     save_file({k: v.contiguous() for k, v in adapter_state.items()}, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every LoRA layer into its base Linear and removes the LoRA modules, in place: afterwards the model has
-    the plain architecture and saves as a plain folder. Refuses adapter weights that are not finite."""
-    lora_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    if not lora_layers:
-        raise ValueError("the model has no LoRA layers to merge")
-    for name, layer in lora_layers:
-        layer.merge(safe_merge=True)  # safe_merge: NaN/inf in the merged weight is an error, not a silent result
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
-    del model.peft_config
-    return model
-
-
-def load_without_adapter(model_dir: Path):
-    """The model of a LoRA output folder without its adapter. transformers would attach the adapter it finds
-    beside the weights, so load from a view of the folder that leaves the adapter files out."""
-    from ..model import SpatialMLLMForConditionalGeneration
-
-    with tempfile.TemporaryDirectory() as view:
-        for path in model_dir.iterdir():
-            if path.is_file() and path.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                (Path(view) / path.name).symlink_to(path.resolve())
-        return SpatialMLLMForConditionalGeneration.from_pretrained(view)
-
-
-def attach_adapter(model: nn.Module, model_dir: Path) -> None:
-    """Injects the folder's LoRA layers into `model` and loads their weights, refusing any mismatch."""
-    config = LoraConfig.from_pretrained(model_dir)
-    inject_adapter_in_model(config, model, ADAPTER_NAME)
-    weights = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(model_dir / ADAPTER_WEIGHTS).items()}
-    result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if result.unexpected_keys or missing:
-        raise ValueError(
-            f"{model_dir / ADAPTER_WEIGHTS} does not fit the model: unexpected {result.unexpected_keys[:5]}, "
-            f"missing {missing[:5]}"
-        )
-
-
-def merge_lora_folder(model_dir: str | Path, out_dir: str | Path) -> Path:
+def merge_lora_folder(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Loads a LoRA output folder, merges the adapter into the LLM and writes a plain model folder (with processor
-    and the run's facts, such as its template). The new folder appears whole or not at all."""
-    import shutil
+    and the run's facts). The new folder appears whole or not at all; an existing one is replaced only with
+    `overwrite`."""
+    import json
 
-    from ..files import write_folder
-    from ..model import RUN_INFO_FILE, SpatialMLLMProcessor
-    from ..model.folder import check_model_folder
+    from ..files import check_output, write_folder
+    from ..model import RUN_INFO_FILE
+    from ..model.loading import adapter_is_its_own, load_model_folder, run_info
 
-    model_dir, out_dir = check_model_folder(model_dir), Path(out_dir)
-    if not (model_dir / ADAPTER_CONFIG).is_file():
-        raise ValueError(f"{model_dir} holds no LoRA adapter ({ADAPTER_CONFIG}); it is already a plain model")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError("merge --out must be a different folder from --model")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"merge --out {out_dir} already exists and is not an empty folder; name a new one")
-    model = load_without_adapter(model_dir)
-    attach_adapter(model, model_dir)
+    check_output(out_dir, "merge --out", inputs={"--model": model_dir}, overwrite=overwrite, folder=True)
+    model, processor = load_model_folder(model_dir)
+    info = run_info(model_dir)
+    if not adapter_is_its_own(model_dir, info):
+        raise ValueError(f"{model_dir} holds no LoRA adapter of its own ({ADAPTER_CONFIG}); it is already a plain model")
     merge_lora(model)
-    processor = SpatialMLLMProcessor.from_pretrained(model_dir)
 
     def build(staging: Path) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if (model_dir / RUN_INFO_FILE).is_file():
-            shutil.copy2(model_dir / RUN_INFO_FILE, staging / RUN_INFO_FILE)
+        if info:
+            files = sorted([p.name for p in staging.iterdir()] + [RUN_INFO_FILE])
+            (staging / RUN_INFO_FILE).write_text(json.dumps({**info, "files": files, "merged_from": str(model_dir)}, indent=2))
 
     # Assembled beside the target and renamed into place (fsynced first), so it appears whole or not at all.
     return write_folder(out_dir, build)
 
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
-    "attach_adapter",
-    "has_lora",
     "inject_lora",
     "linear_layer_names",
-    "load_without_adapter",
-    "merge_lora",
     "merge_lora_folder",
     "save_adapter",
     "split_lora_state_dict",
