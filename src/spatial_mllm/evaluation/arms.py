@@ -98,7 +98,7 @@ class Arm:
 
 def group_arms(runs: Sequence[RunSummary], sources: Sequence[str], baseline: str | None = None) -> list[Arm]:
     """Runs grouped by arm in order of first appearance, each arm with its role and accuracies. `baseline`: an arm
-    name or a projector (default mlp2x_gelu; then a comparison without one is allowed)."""
+    name or a projector (default mlp2x_gelu, which may then be absent or ambiguous: no baseline)."""
     grouped: dict[str, list[tuple[RunSummary, str]]] = {}
     for run, source in zip(runs, sources):
         grouped.setdefault(run.arm, []).append((run, source))
@@ -136,10 +136,12 @@ def _baseline_arm(grouped: dict[str, list[tuple[RunSummary, str]]], baseline: st
     if wanted in sighted:
         return wanted
     matching = [name for name, members in sighted.items() if members[0][0].projector == wanted]
-    if len(matching) > 1:
+    if len(matching) > 1 and baseline is not None:
         raise ValueError(
             f"several runs use projector {wanted!r} ({', '.join(matching)}); name the baseline run (--baseline NAME)"
         )
+    if len(matching) > 1:  # the default baseline is optional: without a name, none is chosen
+        return None
     if not matching and baseline is not None:
         known = ", ".join(sorted({*sighted, *(members[0][0].projector for members in sighted.values())}))
         raise ValueError(f"baseline {baseline!r} is neither the name nor the projector of a run; runs: {known}")

@@ -135,7 +135,12 @@ def compare_runs(
         unpaired = f"no per-question results in {', '.join(without_outcomes)} (scores format 1, or POPE)"
         notes.append(f"{unpaired}: paired tests and the best projector are withheld")
     if base is None:
-        notes.append(f"no baseline ({baseline or DEFAULT_BASELINE}) among the runs: no comparisons with a baseline")
+        wanted = baseline or DEFAULT_BASELINE
+        candidates = [arm.name for arm in sighted if arm.projector == wanted]
+        found = f"several runs use {wanted} ({', '.join(candidates)}); name one as the baseline" if candidates else (
+            f"no baseline ({wanted}) among the runs"
+        )  # fmt: skip
+        notes.append(f"{found}: no comparisons with a baseline")
     levels = (OVERALL, *_levels(arms, "groups"))
     projectors = [arm for arm in arms if arm.role == PROJECTOR]
     versus_baseline = compare_arms(projectors, base, levels) if base and not unpaired else []
