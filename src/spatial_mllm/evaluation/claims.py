@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .arms import Arm
+from .arms import BLIND, Arm
 from .paired import HIGHER, INCONSISTENT, LOWER, NO_DIFFERENCE, Versus
 from .runs import OVERALL
 
@@ -45,7 +45,7 @@ def check_claims(
         (LLAVA_SP, lambda arm: arm.projector.startswith("llava_sp"), SPATIAL),
         (SAEP, lambda arm: arm.projector.startswith("saep"), OVERALL),
     ):
-        testing = [arm for arm in arms if is_paper(arm) and arm is not baseline and arm.role != "blind control"]
+        testing = [arm for arm in arms if is_paper(arm) and arm is not baseline and arm.role != BLIND]
         if not testing:
             checks.append(ClaimCheck(paper, claim, None, level, None, f"not measured: no {paper} run in this comparison"))
         for arm in testing:
@@ -77,7 +77,8 @@ def _finding(
     if versus.verdict == LOWER:
         return versus.verdict, f"contradicted: {measured}, significantly lower after Holm correction"
     if versus.verdict == INCONSISTENT:
-        return versus.verdict, f"not shown: {measured}, significant in {versus.significant_seeds} of {len(versus.tests)} seeds only"
+        seeds = f"{versus.significant_seeds} of {len(versus.tests)} seeds"
+        return versus.verdict, f"not shown: {measured}, significant in {seeds} only"
     assert versus.verdict == NO_DIFFERENCE
     if level == OVERALL:
         return versus.verdict, (
@@ -88,7 +89,8 @@ def _finding(
 
 
 def _cost(arm: Arm, baseline: Arm) -> str:
-    parts = [f"{arm.visual_tokens} visual tokens vs {baseline.visual_tokens} ({arm.visual_tokens / baseline.visual_tokens:.2f}x)"]
+    tokens, base_tokens = arm.visual_tokens, baseline.visual_tokens
+    parts = [f"{tokens} visual tokens vs {base_tokens} ({tokens / base_tokens:.2f}x)"]
     params, base_params = arm.mean("projector_parameters"), baseline.mean("projector_parameters")
     if params is not None and base_params:
         parts.append(f"projector parameters {params / base_params:.1f}x")

@@ -43,6 +43,7 @@ class Comparison:
     ranking: Ranking
     claims: tuple[ClaimCheck, ...]
     notes: tuple[str, ...]
+    unpaired: str | None = None  # why no paired test could be made (different questions, no per-question results)
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -65,8 +66,10 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         ceiling = None
         if self.text_ceiling is not None:
-            accuracy = {kind: {name: e.to_dict() for name, e in found.items()} for kind, found in self.ceiling_accuracy.items()}
-            ceiling = self.text_ceiling.to_dict() | {"accuracy": accuracy}
+            accuracy = self.ceiling_accuracy.items()
+            ceiling = self.text_ceiling.to_dict() | {
+                "accuracy": {kind: {name: e.to_dict() for name, e in found.items()} for kind, found in accuracy}
+            }
         return {
             "accuracy_unit": "fraction",
             "confidence": CONFIDENCE,
@@ -91,6 +94,7 @@ class Comparison:
             "versus_blind": [versus.to_dict() for versus in self.versus_blind],
             "claims": [claim.to_dict() for claim in self.claims],
             "notes": list(self.notes),
+            "paired_tests_withheld": self.unpaired,
         }
 
 
@@ -165,6 +169,7 @@ def compare_runs(
         ranking=ranking,
         claims=tuple(check_claims(arms, base, versus_baseline, unpaired)),
         notes=tuple(notes),
+        unpaired=unpaired,
     )
 
 
@@ -209,7 +214,9 @@ def _question_mismatches(runs: list[RunSummary], sources: list[str], ceiling: Te
             )
     if ceiling is not None and None not in (ceiling.questions_sha256, first.questions_sha256):
         if ceiling.questions_sha256 != first.questions_sha256:
-            problems.append(f"the text ceiling ({ceiling.model}) was measured on another question file than {first_source}")
+            problems.append(
+                f"the text ceiling ({ceiling.model}) was measured on another question file than {first_source}"
+            )
     return problems
 
 

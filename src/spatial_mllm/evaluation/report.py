@@ -135,8 +135,12 @@ def render_markdown(comparison: Comparison, files: Mapping[str, str] | None = No
 
 def _setup(comparison: Comparison) -> str:
     totals = {arm.overall.total for arm in comparison.arms}
-    questions = f"{totals.pop()} questions per run" if len(totals) == 1 and None not in totals else "questions per run vary"
-    same = "the same questions for every run" if comparison.same_questions else "**not the same questions**: no ranking or paired tests"
+    questions = "questions per run vary"
+    if len(totals) == 1 and None not in totals:
+        questions = f"{totals.pop()} questions per run"
+    same = "the same questions for every run"
+    if not comparison.same_questions:
+        same = "**not the same questions**: no ranking or paired tests"
     lines = [f"Benchmark: {comparison.benchmark or 'unnamed'}; {questions}, {same}."]
     roles = [f"Baseline: {comparison.baseline or 'none'}."]
     if comparison.blind:
@@ -185,7 +189,8 @@ def facts_table(comparison: Comparison) -> str:
     if with_gain:
         note = (
             "\n\nImage gain: how much lower the loss per supervised token is with each sample's own image than with "
-            "another sample's (± standard error; across seeds ± standard deviation); 0 means the model ignores the image."
+            "another sample's (± standard error; across seeds ± standard deviation); 0 means the model ignores the "
+            "image."
         )
     return "\n".join(lines) + note
 
@@ -218,8 +223,8 @@ def accuracy_table(comparison: Comparison, kind: str) -> str:
         lines.append(_row([name, *cells]))
     if comparison.text_ceiling:
         ceiling = comparison.ceiling_accuracy
-        cells = [cell(ceiling[OVERALL][OVERALL], True)] + [cell(ceiling.get(kind, {}).get(level), True) for level in levels]
-        lines.append(_row(["text ceiling", *cells]))
+        cells = [cell(ceiling.get(kind, {}).get(level), True) for level in levels]
+        lines.append(_row(["text ceiling", cell(ceiling[OVERALL][OVERALL], True), *cells]))
     return "\n".join(lines)
 
 
@@ -236,11 +241,7 @@ def cell(found: Estimate | None, counts: bool = False) -> str:
 
 def _versus_section(comparison: Comparison, rows: Sequence[Versus], reference: str) -> str:
     if not rows:
-        reason = "the runs were not scored on the same questions" if not comparison.same_questions else (
-            "paired tests need per-question results from every run" if any("per-question" in note for note in comparison.notes)
-            else "no run to compare"
-        )  # fmt: skip
-        return f"No paired tests: {reason}."
+        return f"No paired tests: {comparison.unpaired or 'no run to compare'}."
     seeded = any(len(versus.tests) > 1 for versus in rows)
     header = ["Arm", "Questions", "Level", f"{reference.capitalize()} acc.", "Arm acc.", "Difference [95% interval]"]
     header += ["Significant seeds"] if seeded else ["Only arm right / only reference right", "p", "p (Holm)"]
@@ -278,12 +279,13 @@ def seeds_section(comparison: Comparison) -> str:
                 continue
             per_seed = dict(zip(arm.seeds, found.per_seed or (found.value,)))
             values = [f"{100 * per_seed[seed]:.1f}" if seed in per_seed else MISSING for seed in seeds]
-            spread = f"{100 * found.value:.1f} ± {100 * found.sd:.1f}" if found.sd is not None else f"{100 * found.value:.1f}"
+            spread = f"{100 * found.value:.1f}" + (f" ± {100 * found.sd:.1f}" if found.sd is not None else "")
             lines.append(_row([arm.name, level, spread, *values]))
     tests = [(versus, test) for versus in (*comparison.versus_baseline, *comparison.versus_blind) for test in versus.tests]
     if tests:
         lines += ["", "Paired tests per seed:", ""]
-        lines += _header(["Arm", "Reference", "Level", "Seed", "Difference [95% interval]", "p (Holm)", "Significant"], left=3)
+        header = ["Arm", "Reference", "Level", "Seed", "Difference [95% interval]", "p (Holm)", "Significant"]
+        lines += _header(header, left=3)
         for versus, test in tests:
             interval = f"{100 * test.difference:+.1f} [{100 * test.interval.low:+.1f}, {100 * test.interval.high:+.1f}]"
             lines.append(_row([versus.arm, versus.reference, versus.level, str(test.seed), interval,

@@ -174,8 +174,9 @@ def _tallies(result: Mapping[str, Any], outcomes, where: str) -> dict[str, dict[
         if not isinstance(counts, Mapping):
             raise ValueError(f"{where}: field 'counts' must be an object with 'overall' and 'categories'")
         groups = counts.get("groups")
+        overall = read_tally(require_field(counts, OVERALL, f"{where}, counts"), f"{where}, counts 'overall'")
         return empty | {
-            OVERALL: {OVERALL: read_tally(require_field(counts, OVERALL, f"{where}, counts"), f"{where}, counts 'overall'")},
+            OVERALL: {OVERALL: overall},
             "categories": read_tallies(require_field(counts, "categories", f"{where}, counts"), f"{where}, counts"),
             "groups": read_tallies(groups, f"{where}, counts 'groups'") if groups is not None else {},
         }
