@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from spatial_mllm import cli
+from spatial_mllm.evaluation.comparison import compare_runs
 from spatial_mllm.evaluation.loading import load_for_inference
 from spatial_mllm.evaluation.metrics import score_answers
 from spatial_mllm.evaluation.runner import read_questions
@@ -325,6 +326,15 @@ def test_eval_on_the_built_in_world(model_dir, tmp_path):
     scores = json.loads(out.with_suffix(".scores.json").read_text())
     assert scores["counts"]["overall"]["total"] == len(key_lines) == len(read_answers(out))
     assert set(scores["types"]) <= {"short", "mc"}
+    # scores format 2: each question's group and image region come from the key, for paired tests and region maps
+    keys = {record["question_id"]: record for record in map(json.loads, key_lines)}
+    assert scores["scores_version"] == 2
+    rows = scores["per_question"]
+    assert [(row["group"], row["region"]) for row in rows] == [
+        (keys[row["question_id"]]["group"], keys[row["question_id"]]["region"]) for row in rows
+    ]
+    assert any(row["region"] for row in rows) and any(row["region"] is None for row in rows)
+    assert compare_runs([scores]).arm(scores["name"]).overall.total == len(key_lines)
 
     pope_questions = world / files["pope"]["adversarial"]
     pope_out = tmp_path / "pope.jsonl"
@@ -333,6 +343,9 @@ def test_eval_on_the_built_in_world(model_dir, tmp_path):
     labels = [json.loads(line)["label"] for line in pope_questions.read_text().splitlines()]
     assert pope["pope"]["splits"]["adversarial"]["total"] == len(labels)
     assert pope["categories"] == {"adversarial": pope["pope"]["splits"]["adversarial"]["accuracy"]}
+    split = pope["pope"]["splits"]["adversarial"]
+    found = compare_runs([pope]).arm(pope["name"]).overall  # the report counts POPE through its confusion counts
+    assert (found.correct, found.total) == (split["tp"] + split["tn"], len(labels))
 
 
 def test_a_file_with_nothing_to_answer_is_an_error(model_dir, tmp_path, capsys):
