@@ -136,7 +136,7 @@ def compare_runs(
     if mixed:
         unpaired = "the runs were not scored on the same questions"
     elif without_outcomes:
-        unpaired = f"no per-question results in {', '.join(without_outcomes)} (scores format 1, or POPE)"
+        unpaired = f"no per-question results (field 'per_question') in {', '.join(without_outcomes)}"
         notes.append(f"{unpaired}: paired tests and the best projector are withheld")
     if base is None:
         wanted = baseline or DEFAULT_BASELINE

@@ -243,15 +243,15 @@ def _versus_section(comparison: Comparison, rows: Sequence[Versus], reference: s
     if not rows:
         return f"No paired tests: {comparison.unpaired or 'no run to compare'}."
     seeded = any(len(versus.tests) > 1 for versus in rows)
-    header = ["Arm", "Questions", "Level", f"{reference.capitalize()} acc.", "Arm acc.", "Difference [95% interval]"]
+    header = ["Arm", "Level", "Questions", f"{reference.capitalize()} acc.", "Arm acc.", "Difference [95% interval]"]
     header += ["Significant seeds"] if seeded else ["Only arm right / only reference right", "p", "p (Holm)"]
     header += ["Verdict"]
-    lines = _header(header, left=1)
+    lines = _header(header, left=2)
     for versus in rows:
         first = versus.tests[0]
         reference_acc = sum(t.table.correct_b / t.table.total for t in versus.tests) / len(versus.tests)
         arm_acc = sum(t.table.correct_a / t.table.total for t in versus.tests) / len(versus.tests)
-        cells = [versus.arm, str(first.table.total), versus.level, f"{100 * reference_acc:.1f}", f"{100 * arm_acc:.1f}",
+        cells = [versus.arm, versus.level, str(first.table.total), f"{100 * reference_acc:.1f}", f"{100 * arm_acc:.1f}",
                  difference_cell(versus)]  # fmt: skip
         if seeded:
             cells.append(f"{versus.significant_seeds} of {len(versus.tests)}")
