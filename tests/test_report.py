@@ -287,7 +287,7 @@ def test_old_scores_files_still_report():
     comparison = compare_runs(counted)
     assert comparison.arm("sp").overall.interval.low == wilson(80, 120).expected[0]
     assert comparison.versus_baseline == () and comparison.ranking.best is None
-    assert "no per-question results in mlp, sp" in comparison.notes[0]
+    assert "no per-question results (field 'per_question') in mlp, sp" in comparison.notes[0]
 
 
 def test_report_from_score_answers_output(tmp_path):
