@@ -16,7 +16,7 @@ from spatial_mllm import cli
 from spatial_mllm.data.world.geometry import REGIONS
 from spatial_mllm.evaluation.comparison import compare_runs
 from spatial_mllm.evaluation.metrics import accuracy_by_group, score_answers
-from spatial_mllm.evaluation.report import REPORT_FILES, write_report
+from spatial_mllm.evaluation.report import REPORT_FILES, facts_table, write_report
 from spatial_mllm.evaluation.text_ceiling import TextCeiling
 
 Z = 1.959963984540054
@@ -307,8 +307,6 @@ def test_report_from_score_answers_output(tmp_path):
 
 def test_image_gain_column():
     reliance = {"loss_own_images": 0.6724, "loss_other_images": 0.7327, "gap": 0.0603, "gap_standard_error": 0.0052}
-    from spatial_mllm.evaluation.report import facts_table
-
     lines = facts_table(compare_runs([{**RUNS[0], "image_reliance": reliance}, RUNS[2]])).splitlines()
     assert lines[0] == ("| Arm | Projector | Role | Seeds | Visual tokens | Projector params | Latency (ms/sample) | Tokens/s"
                         " | Image gain (nats/token) | Questions |")  # fmt: skip
