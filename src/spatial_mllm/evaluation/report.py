@@ -8,13 +8,12 @@ replaced only with `overwrite=True`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import write_file, write_json, write_text
 from . import figures
 from .arms import BASELINE, BLIND, Arm, Estimate
 from .comparison import Comparison, compare_runs
@@ -61,10 +60,9 @@ def write_report(
     drawn = _figures(comparison)
     paths = {key: out_dir / REPORT_FILES[key] for key in ("markdown", "json", *drawn)}
     for key, draw in drawn.items():
-        _publish(paths[key], lambda tmp, draw=draw: draw(tmp))
-    _publish(paths["json"], lambda tmp: tmp.write_text(json.dumps(comparison.to_dict(), indent=2) + "\n", "utf-8"))
-    markdown = render_markdown(comparison, {key: path.name for key, path in paths.items()})
-    _publish(paths["markdown"], lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+        write_file(paths[key], draw)
+    write_json(paths["json"], comparison.to_dict())
+    write_text(paths["markdown"], render_markdown(comparison, {key: path.name for key, path in paths.items()}))
     for key, name in REPORT_FILES.items():  # a figure of the earlier report that this one does not draw
         if key not in paths and (out_dir / name).exists():
             (out_dir / name).unlink()
@@ -82,16 +80,6 @@ def _figures(comparison: Comparison) -> dict[str, Any]:
     if comparison.regions and set(comparison.regions) <= set(figures.REGIONS):
         drawn["accuracy_by_region"] = lambda path: figures.plot_regions(comparison, path)
     return drawn
-
-
-def _publish(path: Path, write) -> None:
-    """Write through a temporary name beside `path`, then rename: the file appears whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- Markdown -----------------------------------------------------------------------------------------------------
