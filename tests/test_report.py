@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from spatial_mllm import cli
-from spatial_mllm.data.world.geometry import REGIONS
+from spatial_mllm.demo.world.geometry import REGIONS
+from spatial_mllm.evaluation.arms import grid_cell
 from spatial_mllm.evaluation.comparison import compare_runs
 from spatial_mllm.evaluation.metrics import accuracy_by_group, score_answers
 from spatial_mllm.evaluation.report import REPORT_FILES, facts_table, write_report
@@ -188,6 +189,9 @@ def test_runs_scored_on_different_questions_are_refused_or_shown_without_ranking
 
 
 def test_accuracy_by_region(tmp_path):
+    # the world's region names map onto the 3x3 grid row by row; other names are not placed on it
+    assert [grid_cell(region) for region in REGIONS] == [divmod(index, 3) for index in range(9)]
+    assert grid_cell("upper left") is None and grid_cell("left top") is None
     comparison = compare_runs(RUNS)
     assert comparison.regions == REGIONS
     for arm, right in (("mlp", BASELINE_RIGHT), ("sp", SP_RIGHT)):
@@ -302,7 +306,8 @@ def test_report_from_score_answers_output(tmp_path):
     assert [(row["group"], row["region"]) for row in scored["per_question"]] == [("spatial", "top left"), ("existence", None)]
     run = {"name": "tiny", "projector": "mlp2x_gelu", "visual_tokens": 16, **scored}
     markdown = write_report([run], tmp_path)["markdown"].read_text(encoding="utf-8")
-    assert "| tiny (baseline) | 50.0 [9.5, 90.5] | 0.0 [0.0, 79.3] | 100.0 [20.7, 100.0] |" in markdown
+    # groups in the order the key first names them: spatial (question 1), then existence
+    assert "| tiny (baseline) | 50.0 [9.5, 90.5] | 100.0 [20.7, 100.0] | 0.0 [0.0, 79.3] |" in markdown
 
 
 def test_image_gain_column():

@@ -8,18 +8,17 @@ the one arm with that projector (`mlp2x_gelu` by default); runs marked `"control
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.world.geometry import REGIONS
-from ..data.world.questions import CATEGORIES
 from .records import Tally
 from .runs import KINDS, OVERALL, RunSummary
 from .statistics import Interval, seed_spread, wilson_interval
 
 DEFAULT_BASELINE = "mlp2x_gelu"
 BASELINE, PROJECTOR, BLIND = "baseline", "projector", "blind control"
+GRID_ROWS, GRID_COLUMNS = {"top": 0, "bottom": 2}, {"left": 0, "right": 2}
 
 
 @dataclass(frozen=True)
@@ -113,21 +112,33 @@ def group_arms(runs: Sequence[RunSummary], sources: Sequence[str], baseline: str
         role = BLIND if name in blind else BASELINE if name == base else PROJECTOR
         accuracy = {
             kind: {level: estimate([run.tallies[kind][level] for run in member_runs if level in run.tallies[kind]])
-                   for level in ordered_names({level for run in member_runs for level in run.tallies[kind]}, kind)}
+                   for level in ordered_names((level for run in member_runs for level in run.tallies[kind]), kind)}
             for kind in KINDS
         }  # fmt: skip
         arms.append(Arm(name, member_runs[0].projector, role, tuple(member_runs), accuracy))
     return arms
 
 
-def ordered_names(names: set[str], kind: str) -> tuple[str, ...]:
-    """The world's order (categories as listed, groups as first met, regions row by row), other names sorted after."""
-    preferred = {
-        "categories": tuple(CATEGORIES),
-        "groups": tuple(dict.fromkeys(CATEGORIES.values())) + tuple(CATEGORIES),
-        "regions": REGIONS,
-    }.get(kind, ())
-    return tuple(name for name in dict.fromkeys(preferred) if name in names) + tuple(sorted(names - set(preferred)))
+def ordered_names(names: Iterable[str], kind: str) -> tuple[str, ...]:
+    """Names in the order first met (per-question rows follow the answer key, whose questions follow the world's
+    category order); regions of the 3x3 grid row by row."""
+    names = tuple(dict.fromkeys(names))
+    if kind == "regions" and all(grid_cell(name) for name in names):
+        return tuple(sorted(names, key=grid_cell))
+    return names
+
+
+def grid_cell(region: str) -> tuple[int, int] | None:
+    """(row, column) of a 3x3 region named as the world names them ("top left", "top", "left", "center", "bottom
+    right"); None for a name outside that scheme."""
+    words = region.split()
+    if words == ["center"]:
+        return (1, 1)
+    if len(words) == 1 and (words[0] in GRID_ROWS or words[0] in GRID_COLUMNS):
+        return (GRID_ROWS.get(words[0], 1), GRID_COLUMNS.get(words[0], 1))
+    if len(words) == 2 and words[0] in GRID_ROWS and words[1] in GRID_COLUMNS:
+        return (GRID_ROWS[words[0]], GRID_COLUMNS[words[1]])
+    return None
 
 
 def _baseline_arm(grouped: dict[str, list[tuple[RunSummary, str]]], baseline: str | None) -> str | None:

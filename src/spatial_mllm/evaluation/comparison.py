@@ -225,7 +225,7 @@ def _totals(run: RunSummary) -> dict[str, int]:
 
 
 def _levels(arms: Sequence[Arm], kind: str) -> tuple[str, ...]:
-    return ordered_names({level for arm in arms for level in arm.accuracy[kind]}, kind)
+    return ordered_names((level for arm in arms for level in arm.accuracy[kind]), kind)
 
 
 def _ceiling_accuracy(ceiling: TextCeiling | None) -> dict[str, dict[str, Estimate]]:

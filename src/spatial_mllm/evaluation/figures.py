@@ -10,8 +10,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..data.world.geometry import REGIONS
-from .arms import BLIND, Arm, Estimate
+from .arms import BLIND, Arm, Estimate, grid_cell
 from .comparison import Comparison
 from .runs import OVERALL
 
@@ -131,8 +130,8 @@ def plot_regions(comparison: Comparison, path: Path) -> None:
         arm = arms[index]
         found = arm.accuracy["regions"]
         values = [[math.nan] * 3 for _ in range(3)]
-        for region_index, region in enumerate(REGIONS):
-            row, column = divmod(region_index, 3)
+        for region in comparison.regions:
+            row, column = grid_cell(region)
             if region in found:
                 values[row][column] = 100 * found[region].value
                 n = found[region].total

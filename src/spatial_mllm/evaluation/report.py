@@ -15,7 +15,7 @@ from typing import Any
 
 from ..files import write_file, write_json, write_text
 from . import figures
-from .arms import BASELINE, BLIND, Arm, Estimate
+from .arms import BASELINE, BLIND, Arm, Estimate, grid_cell
 from .comparison import Comparison, compare_runs
 from .paired import Versus
 from .runs import OVERALL
@@ -77,7 +77,7 @@ def _figures(comparison: Comparison) -> dict[str, Any]:
     }
     if comparison.versus_baseline:
         drawn["differences_vs_baseline"] = lambda path: figures.plot_differences(comparison, path)
-    if comparison.regions and set(comparison.regions) <= set(figures.REGIONS):
+    if comparison.regions and all(grid_cell(region) for region in comparison.regions):
         drawn["accuracy_by_region"] = lambda path: figures.plot_regions(comparison, path)
     return drawn
 
