@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 from spatial_mllm import cli
+from spatial_mllm.evaluation.comparison import compare_runs
+from spatial_mllm.evaluation.metrics import score_answers
 from spatial_mllm.model.loading import load_for_inference
 from spatial_mllm.evaluation.runner import read_questions
 from tiny import save_sharpened_model
@@ -230,8 +232,10 @@ def test_cli_eval_then_report(model_dir, tmp_path, capsys):
     assert [row["response"] for row in scores["per_question"]] == [a["text"] for a in answers]
     assert scores["overall"] == pytest.approx(3 / 11)
 
-    # A second run as another projector's eval would write it.
-    other = {**scores, "name": "saep-b", "projector": "saep", "visual_tokens": 36, "overall": 0.5}
+    # A second run as another projector's eval would write it: also right on questions 0 and 2 (5 of 11).
+    better = [{**a, "text": "zebra"} if i in (0, 2) else a for i, a in enumerate(answers)]
+    other = {**scores, **score_answers(better, read_answers(key)), "name": "saep-b", "projector": "saep",
+             "visual_tokens": 36}  # fmt: skip
     (tmp_path / "saep-b.scores.json").write_text(json.dumps(other))
     report_dir = tmp_path / "report"
     runs = [str(tmp_path / "mlp-a.scores.json"), str(tmp_path / "saep-b.scores.json")]
@@ -239,13 +243,25 @@ def test_cli_eval_then_report(model_dir, tmp_path, capsys):
     for name in ("report.md", "report.json", "accuracy_by_category.png", "accuracy_vs_visual_tokens.png"):
         assert (report_dir / name).stat().st_size > 0
     summary = json.loads((report_dir / "report.json").read_text())
-    assert [run["name"] for run in summary["runs"]] == ["mlp-a", "saep-b"]
-    assert summary["best_overall"] == "saep-b"
-    for run, source in zip(summary["runs"], (scores, other)):
+    assert [arm["name"] for arm in summary["arms"]] == ["mlp-a", "saep-b"]
+    assert summary["baseline"] == "mlp-a"  # the mlp2x_gelu run
+    # 2 questions only saep-b got right, none only mlp-a: exact McNemar p = 2 * 0.5**2 = 0.5, so no best.
+    overall = next(v for v in summary["versus_baseline"] if v["level"] == "overall")
+    (test,) = overall["tests"]
+    assert (test["only_arm_right"], test["only_reference_right"], test["p_value"]) == (2, 0, 0.5)
+    assert overall["verdict"] == "no significant difference" and summary["best_overall"] is None
+    for arm, source in zip(summary["arms"], (scores, other)):
+        (run,) = arm["runs"]
         for field in ("projector", "visual_tokens", "projector_parameters", "overall", "categories"):
             assert run[field] == source[field]
         assert run["tokens_per_second"] == pytest.approx(scores["tokens_per_second"])
-    assert "| mlp-a | mlp2x_gelu | 144 |" in (report_dir / "report.md").read_text()
+        assert arm["accuracy"]["overall"]["overall"]["total"] == len(QUESTIONS)
+    assert "| mlp-a | mlp2x_gelu | baseline | — | 144 |" in (report_dir / "report.md").read_text()
+    assert "best overall: — (no best: saep-b has the highest overall accuracy (45.5%)" in capsys.readouterr().out
+    # A second report into the same folder needs --overwrite.
+    assert cli.main(["report", "--runs", *runs, "--out", str(report_dir)]) == 2
+    assert f"{report_dir} already holds a report (report.md" in capsys.readouterr().err
+    assert cli.main(["report", "--runs", *runs, "--out", str(report_dir), "--overwrite"]) == 0
 
     # Without --name a run is named after its folder and the parent: stage folders of two projectors differ.
     stage2 = tmp_path / "saep" / "stage2"
@@ -281,7 +297,8 @@ def test_report_refuses_runs_that_do_not_compare(model_dir, tmp_path, capsys):
 
 
 def test_report_names_the_file_of_a_bad_run(tmp_path, capsys):
-    good = {"name": "a", "projector": "mlp2x_gelu", "visual_tokens": 144, "overall": 0.5, "categories": {"c": 0.5}}
+    good = {"name": "a", "projector": "mlp2x_gelu", "visual_tokens": 144, "overall": 0.5, "categories": {"c": 0.5},
+            "counts": {"overall": {"correct": 1, "total": 2}, "categories": {"c": {"correct": 1, "total": 2}}}}
     (tmp_path / "a.scores.json").write_text(json.dumps(good))
     (tmp_path / "b.scores.json").write_text(json.dumps({**good, "name": "b", "overall": 50}))
     (tmp_path / "c.scores.json").write_text(json.dumps(good))
@@ -309,6 +326,15 @@ def test_eval_on_the_built_in_world(model_dir, tmp_path):
     scores = json.loads(out.with_suffix(".scores.json").read_text())
     assert scores["counts"]["overall"]["total"] == len(key_lines) == len(read_answers(out))
     assert set(scores["types"]) <= {"short", "mc"}
+    # scores format 2: each question's group and image region come from the key, for paired tests and region maps
+    keys = {record["question_id"]: record for record in map(json.loads, key_lines)}
+    assert scores["scores_version"] == 2
+    rows = scores["per_question"]
+    assert [(row["group"], row["region"]) for row in rows] == [
+        (keys[row["question_id"]]["group"], keys[row["question_id"]]["region"]) for row in rows
+    ]
+    assert any(row["region"] for row in rows) and any(row["region"] is None for row in rows)
+    assert compare_runs([scores]).arm(scores["name"]).overall.total == len(key_lines)
 
     pope_questions = world / files["pope"]["adversarial"]
     pope_out = tmp_path / "pope.jsonl"
@@ -317,6 +343,9 @@ def test_eval_on_the_built_in_world(model_dir, tmp_path):
     labels = [json.loads(line)["label"] for line in pope_questions.read_text().splitlines()]
     assert pope["pope"]["splits"]["adversarial"]["total"] == len(labels)
     assert pope["categories"] == {"adversarial": pope["pope"]["splits"]["adversarial"]["accuracy"]}
+    split = pope["pope"]["splits"]["adversarial"]
+    found = compare_runs([pope]).arm(pope["name"]).overall  # the report counts POPE through its confusion counts
+    assert (found.correct, found.total) == (split["tp"] + split["tn"], len(labels))
 
 
 def test_a_file_with_nothing_to_answer_is_an_error(model_dir, tmp_path, capsys):

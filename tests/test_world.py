@@ -97,6 +97,29 @@ class Checker:
         row = ["top", "", "bottom"][min(int(y * 3 // self.h), 2)]
         return " ".join(p for p in (row, col) if p) or "center"
 
+    def subject(self, question: str) -> dict | None:
+        """The one object a question asks about: the first object it names (the reference object of "closer to the
+        X"), the only object of the named kind for existence; None for counting or when no single object is meant."""
+        if m := re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", question):
+            matches = [o for o in self.objects if (o["color"], o["shape"]) == m.groups()]
+            return matches[0] if len(matches) == 1 else None
+        if question.startswith("How many "):
+            return None
+        if m := re.fullmatch(r"Which is closer to the (.+), the (.+) or the (.+)\?", question):
+            return self.resolve(m.group(2) if m.group(1) in POINTS else m.group(1))
+        for pattern in (r"What (?:color|shape) is the (.+)\?", r"Is the (.+) small or large\?",
+                        r"Which is (?:larger|smaller), the (.+) or the .+\?", r"Is the (.+) to the left .+",
+                        r"Is the (.+) above or below .+", r"Where is the (.+) in the image\?"):  # fmt: skip
+            if m := re.fullmatch(pattern, question):
+                return self.resolve(m.group(1))
+        raise AssertionError(f"unknown question form: {question!r}")
+
+    def thirds(self, obj: dict) -> str:
+        """The 3x3 cell of an object's centre, margins ignored (names as in the world's vocabulary)."""
+        col = ["left", "", "right"][min(obj["x"] * 3 // self.w, 2)]
+        row = ["top", "", "bottom"][min(obj["y"] * 3 // self.h, 2)]
+        return " ".join(p for p in (row, col) if p) or "center"
+
     def horizontal(self, a: dict, b: dict) -> str:
         assert abs(a["x"] - b["x"]) >= CLEAR * self.canvas, "left/right is not clear"
         return "left" if a["x"] < b["x"] else "right"
@@ -296,7 +319,7 @@ def test_every_evaluation_answer_agrees_with_the_geometry(world):
         questions = read_jsonl(world / files["questions"])
         keys = {k["question_id"]: k for k in read_jsonl(world / files["answer_key"])}
         assert len(keys) == len(questions) > 0
-        categories, forms = Counter(), Counter()
+        categories, forms, regions = Counter(), Counter(), Counter()
         for q in questions:
             key = keys[q["question_id"]]
             checker = Checker(scenes[q["image"]], info["vocabulary"])
@@ -306,12 +329,16 @@ def test_every_evaluation_answer_agrees_with_the_geometry(world):
             assert category == q["category"] == key["category"]
             assert key["group"] == info["categories"][category]
             assert key["answer_text"] == checker.answer(stem)[1]
+            subject = checker.subject(stem)
+            assert key["region"] == (None if subject is None else checker.thirds(subject)), (stem, key["region"])
+            regions[key["region"] is None] += 1
             categories[category] += 1
             forms[form] += 1
         assert dict(categories) == {c: n for c, n in info["question_counts"][split].items() if n}
         if split == "test":
             assert set(categories) == set(info["categories"]), categories
             assert forms["short"] > 0 and forms["mc"] > 0
+            assert regions[False] > regions[True] > 0  # most questions are about one object, counting never is
     holdout_keys = read_jsonl(world / info["files"]["splits"]["holdout"]["answer_key"])
     assert any(k["involves_holdout"] for k in holdout_keys)
 
@@ -392,7 +419,7 @@ def check_text_only(question: str, answer: str) -> None:
 
 def test_manifest_describes_the_folder(world):
     info = manifest(world)
-    assert info["seed"] == 7 and info["canvas"] == 96 and info["version"] == 1
+    assert info["seed"] == 7 and info["canvas"] == 96 and info["version"] == 2
     assert info["counts"] == {"train": 24, "val": 6, "test": 12, "holdout": 12}
     assert info["vocabulary"]["sizes"] == {"small": 8, "large": 14}
     listed = {info["files"]["scenes"]}

@@ -307,7 +307,7 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
     for name in projectors:
         log(f"--- {name} ---")
         results.append(run_projector(name, out, world, instruct_data, clip, llm, tokenizer_dir, features, plan, seed))
-    paths = write_report(results, out / "report")
+    paths = write_report(results, out / "report", overwrite=True)  # a rerun replaces its own report
     summary = {
         "plan": dataclasses.asdict(plan),
         "seed": seed,

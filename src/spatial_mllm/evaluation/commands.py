@@ -1,6 +1,7 @@
 """`spatial-mllm eval` (answer a question file, then score it), `spatial-mllm report` (compare scored runs) and
 `spatial-mllm image-reliance` (does the model read the image at all?): argument parsing and printing only; the
-work is done by `evaluate.evaluate_questions`, `report` and `image_reliance`.
+work is done by `evaluate.plan_evaluation` / `evaluate`, `comparison.compare_runs` with `report.write_report`, and
+`image_reliance`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..model.chat_templates import template_names
-from .evaluate import SCORES_SUFFIX, evaluate, plan_evaluation
 from ..model.loading import load_for_inference
+from .arms import DEFAULT_BASELINE
+from .comparison import compare_runs
+from .evaluate import SCORES_SUFFIX, evaluate, plan_evaluation
+from .report import accuracy_table, write_report
 from .runner import partial_path
-from .report import markdown_table, read_run, read_runs, write_report
+from .runs import read_scores_file
+from .text_ceiling import read_text_ceiling
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,16 +68,31 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 def _register_report(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="compare scored runs: Markdown table, JSON summary, plots",
-        description=f"Write report.md, report.json and two PNG plots from the {SCORES_SUFFIX} files of `eval`.",
+        help="compare scored runs: accuracies with 95% intervals, paired tests, Markdown, JSON, plots",
+        description=(
+            f"Compare the {SCORES_SUFFIX} files of `eval`: accuracies with 95% intervals, each projector against the "
+            "baseline and the blind control question by question (exact McNemar, Holm-corrected), a best projector "
+            "only when significant, accuracy by image region, the spread across seeds (runs with an 'arm' and a "
+            "'seed'), and the LLaVA-SP and SAEP claims as measured. Writes report.md, report.json and PNG plots."
+        ),
     )
     parser.add_argument("--runs", required=True, nargs="+", type=Path, help=f"{SCORES_SUFFIX} files, one per run")
     parser.add_argument("--out", required=True, type=Path, help="folder for the report")
     parser.add_argument(
+        "--baseline", help=f"the run (name or arm) or projector the others are tested against (default {DEFAULT_BASELINE})"
+    )
+    parser.add_argument(
+        "--blind", nargs="+", type=Path, default=[],
+        help=f"{SCORES_SUFFIX} files of the blind control (the same recipe with every image replaced by another "
+        "sample's), one per seed",
+    )  # fmt: skip
+    parser.add_argument("--text-ceiling", type=Path, help="JSON of the LLM's text-only accuracy with the scene description")
+    parser.add_argument(
         "--mixed-questions",
         action="store_true",
-        help="allow runs scored on different question files (by default refused: their numbers do not compare)",
+        help="allow runs scored on different questions (other file or subset): counts shown, no ranking or paired tests",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the report files already in --out")
     parser.set_defaults(func=_report)
 
 
@@ -157,48 +177,26 @@ def pope_table(pope: Mapping[str, Any]) -> str:
 # --- report -------------------------------------------------------------------------------------------------------
 
 
-def _check_comparable(results: list[dict[str, Any]], paths: list[Path], mixed_questions: bool) -> None:
-    """Runs in one table must be scored the same way on the same questions, or their numbers do not compare."""
-    first, first_path = results[0], paths[0]
-    for result, path in zip(results[1:], paths[1:]):
-        if result.get("benchmark") != first.get("benchmark"):
-            raise ValueError(
-                f"{path} is scored as {result.get('benchmark')!r} but {first_path} as {first.get('benchmark')!r}; "
-                "report runs of one benchmark together"
-            )
-        digests = (result.get("questions_sha256"), first.get("questions_sha256"))
-        if not mixed_questions and None not in digests and digests[0] != digests[1]:
-            raise ValueError(
-                f"{path} answered {result.get('questions_file')} but {first_path} answered {first.get('questions_file')}, "
-                "a different question file; compare runs on the same questions (or pass --mixed-questions)"
-            )
-
-
 def _report(args: argparse.Namespace) -> int:
-    results, first_file_of = [], {}
-    for path in args.runs:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such scores file")
-        try:
-            result = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-        if isinstance(result, dict) and "answers_file" in result and "benchmark" not in result:
-            raise ValueError(
-                f"{path}: answers without scores (eval ran without --answer-key or --pope); run eval again with one"
-            )
-        name = read_run(result, str(path)).name  # checks the run, errors name the file
-        if name in first_file_of:
-            raise ValueError(
-                f"{path}: run name {name!r} is also the name in {first_file_of[name]}; names must differ "
-                "(give each run its own with spatial-mllm eval --name)"
-            )
-        first_file_of[name] = path
-        results.append(result)
-    _check_comparable(results, list(args.runs), args.mixed_questions)
-    paths = write_report(results, args.out)
-    print(markdown_table(read_runs(results)))
-    print("report written: " + ", ".join(str(path) for path in paths.values()))
+    paths = [*args.runs, *args.blind]
+    results = [read_scores_file(path) for path in args.runs]
+    for path in args.blind:  # several files are seeds of one blind control, unless they name their arm
+        blind = read_scores_file(path)
+        shared_arm = {"arm": blind.get("arm") or "blind control"} if len(args.blind) > 1 else {}
+        results.append({**blind, "control": "blind", **shared_arm})
+    comparison = compare_runs(
+        results,
+        sources=[str(path) for path in paths],
+        baseline=args.baseline,
+        text_ceiling=read_text_ceiling(args.text_ceiling) if args.text_ceiling else None,
+        allow_mixed_questions=args.mixed_questions,
+    )
+    written = write_report(comparison, args.out, overwrite=args.overwrite)
+    print(accuracy_table(comparison, "groups"))
+    print(f"best overall: {comparison.ranking.best or '—'} ({comparison.ranking.reason})")
+    for claim in comparison.claims:
+        print(f"{claim.paper}{f' ({claim.arm})' if claim.arm else ''}: {claim.finding}")
+    print("report written: " + ", ".join(str(path) for path in written.values()))
     return 0
 
 

@@ -1,10 +1,14 @@
 """Scoring the built-in spatial benchmark: grade each answer by its question type, then accuracy per category.
 
 The answer-key schema is read in one place, `read_key_item`: records
-{"question_id", "answer", "category", "type": "short" | "mc" | "yesno", "options"?: [...], "answer_letter"?: "B"}.
+{"question_id", "answer", "category", "type": "short" | "mc" | "yesno", "options"?: [...], "answer_letter"?: "B",
+"group"?: the category group (default: the category), "region"?: the 3x3 region of the object asked about}.
 The built-in world's keys (spatial_mllm.demo.world) are read too: they name the type "format" and, for "mc", hold
 the letter in "answer" and the option text in "answer_text".
 Answer records are LLaVA's answers JSONL: {"question_id", "text", ...}. Accuracies are fractions in [0, 1].
+
+Scores format (`SCORES_VERSION`): 1 had per-question rows without group and region; 2 adds them, the accuracy per
+group, and the "scores_version" field itself. Readers treat a file without the field as version 1.
 """
 
 from __future__ import annotations
@@ -19,17 +23,26 @@ from .records import pair_with_answers, require_field, require_text
 from .vqa import normalize_vqa_answer
 
 ANSWER_TEXT_FIELD = "text"
+SCORES_VERSION = 2
 
 
 @dataclass(frozen=True)
 class KeyItem:
-    """One answer-key entry. For "mc", `answer` is the right letter and `options` the option texts."""
+    """One answer-key entry. For "mc", `answer` is the right letter and `options` the option texts. `group`: the
+    category's group (the category itself when the key names none); `region`: where the object the question asks
+    about lies (None when it asks about no single object)."""
 
     question_id: str
     category: str
     type: str
     answer: str
     options: tuple[str, ...] = ()
+    group: str = ""
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", self.category)
 
 
 def read_key_item(record: Mapping[str, Any], where: str) -> KeyItem:
@@ -40,13 +53,17 @@ def read_key_item(record: Mapping[str, Any], where: str) -> KeyItem:
     question_type = require_text(record, type_field, where)
     if question_type not in GRADERS:
         raise ValueError(f"{where}: field {type_field!r} must be one of {', '.join(GRADERS)}, got {question_type!r}")
+    place = {
+        "group": require_text(record, "group", where) if record.get("group") is not None else "",
+        "region": require_text(record, "region", where) if record.get("region") is not None else None,
+    }
     if question_type == "mc":
         answer_letter, options = _read_choice_key(record, where)
-        return KeyItem(question_id, category, question_type, answer_letter, options)
+        return KeyItem(question_id, category, question_type, answer_letter, options, **place)
     answer = str(require_field(record, "answer", where))
     if question_type == "yesno" and answer.strip().lower() not in ("yes", "no"):
         raise ValueError(f"{where}: a yesno question needs answer 'yes' or 'no', got {answer!r}")
-    return KeyItem(question_id, category, question_type, answer)
+    return KeyItem(question_id, category, question_type, answer, **place)
 
 
 def _read_choice_key(record: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...]]:
@@ -129,9 +146,10 @@ def score_answers(
 ) -> dict[str, Any]:
     """Score the built-in benchmark: every key question needs one answer, and every answer a key question.
 
-    Returns {"overall": acc, "categories": {category: acc}, "types": {type: acc},
-    "counts": {"overall": {"correct", "total"}, "categories": {...}, "types": {...}},
-    "per_question": [{"question_id", "category", "type", "response", "parsed", "correct"}]}.
+    Returns {"scores_version": 2, "overall": acc, "categories": {category: acc}, "groups": {group: acc},
+    "types": {type: acc}, "counts": {"overall": {"correct", "total"}, "categories": {...}, "groups": {...},
+    "types": {...}}, "per_question": [{"question_id", "category", "group", "region", "type", "response", "parsed",
+    "correct"}]}, per-question rows in answer-key order, so that two runs can be compared question by question.
     The `*_source` names (file paths, say) appear in error messages.
     """
     per_question = []
@@ -144,6 +162,8 @@ def score_answers(
             {
                 "question_id": item.question_id,
                 "category": item.category,
+                "group": item.group,
+                "region": item.region,
                 "type": item.type,
                 "response": response,
                 "parsed": parsed,
@@ -153,14 +173,18 @@ def score_answers(
     if not per_question:
         raise ValueError(f"{key_source}: no questions")
     by_category = accuracy_by_group((row["category"], row["correct"]) for row in per_question)
+    by_group = accuracy_by_group((row["group"], row["correct"]) for row in per_question)
     by_type = accuracy_by_group((row["type"], row["correct"]) for row in per_question)
     return {
+        "scores_version": SCORES_VERSION,
         "overall": by_category["overall"],
         "categories": by_category["groups"],
+        "groups": by_group["groups"],
         "types": by_type["groups"],
         "counts": {
             "overall": by_category["counts"]["overall"],
             "categories": by_category["counts"]["groups"],
+            "groups": by_group["counts"]["groups"],
             "types": by_type["counts"]["groups"],
         },
         "per_question": per_question,

@@ -1,9 +1,11 @@
-"""Reading evaluation records (JSONL) and pulling fields out of them with errors that name the place."""
+"""Reading evaluation records (JSONL) and pulling fields out of them (counts of right answers included) with errors
+that name the place."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -105,3 +107,37 @@ def pair_with_answers(
         (index, question, answers_by_id[question_id])
         for index, (question_id, question) in enumerate(questions_by_id.items())
     ]
+
+
+@dataclass(frozen=True)
+class Tally:
+    """k right answers among n questions."""
+
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+    def to_dict(self) -> dict[str, int]:
+        return {"correct": self.correct, "total": self.total}
+
+
+def read_tally(value: Any, where: str) -> Tally:
+    """{"correct": k, "total": n} with 0 <= k <= n and n >= 1."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected {{'correct': k, 'total': n}}, got {value!r}")
+    numbers = [value.get(key) for key in ("correct", "total")]
+    if not all(isinstance(number, int) and not isinstance(number, bool) for number in numbers):
+        raise ValueError(f"{where}: 'correct' and 'total' must be integers, got {numbers[0]!r} and {numbers[1]!r}")
+    correct, total = numbers
+    if total < 1 or not 0 <= correct <= total:
+        raise ValueError(f"{where}: need 0 <= correct <= total and total >= 1, got {correct} of {total}")
+    return Tally(correct, total)
+
+
+def read_tallies(value: Any, where: str) -> dict[str, Tally]:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{where}: expected a non-empty object of name -> {{'correct', 'total'}}, got {value!r}")
+    return {str(name): read_tally(tally, f"{where}, {name!r}") for name, tally in value.items()}

@@ -1,253 +1,329 @@
-"""Comparison report over evaluation runs: a Markdown table, a JSON summary and two PNG plots.
+"""The comparison report: report.md (tables with 95% intervals, paired tests, seeds, regions, the papers' claims),
+report.json (`Comparison.to_dict()`) and PNG figures, written into one folder.
 
-Each run is one dict (e.g. `score_answers(...)` merged with the run's facts):
-  name (str, unique), projector (str), visual_tokens (int), overall (accuracy), categories ({name: accuracy}),
-  optional projector_parameters (int), latency_ms_per_sample (float), tokens_per_second (float), image_reliance
-  (`ImageReliance.to_dict()`: the loss gap between own and other images, shown with its standard error).
-Accuracies are fractions in [0, 1]; the table and the plots show percentages. Other keys are ignored.
+`write_report(comparison_or_runs, out_dir)` takes a `Comparison` (from `comparison.compare_runs`) or the run dicts
+themselves. Each file appears whole (written beside, then renamed); files of an earlier report in the folder are
+replaced only with `overwrite=True`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from .records import require_field, require_text
+from ..files import write_file, write_json, write_text
+from . import figures
+from .arms import BASELINE, BLIND, Arm, Estimate, grid_cell
+from .comparison import Comparison, compare_runs
+from .paired import Versus
+from .runs import OVERALL
+from .statistics import SIGNIFICANCE
 
 MISSING = "—"
-OVERALL_LABEL = "overall"
+REPORT_FILES = {
+    "markdown": "report.md",
+    "json": "report.json",
+    "accuracy_by_group": "accuracy_by_group.png",
+    "accuracy_by_category": "accuracy_by_category.png",
+    "accuracy_vs_visual_tokens": "accuracy_vs_visual_tokens.png",
+    "differences_vs_baseline": "differences_vs_baseline.png",
+    "accuracy_by_region": "accuracy_by_region.png",
+}
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    name: str
-    projector: str
-    visual_tokens: int
-    overall: float
-    categories: dict[str, float]
-    projector_parameters: int | None = None
-    latency_ms_per_sample: float | None = None
-    tokens_per_second: float | None = None
-    image_gain: float | None = None  # nats per supervised token the model gains from its own image (image_reliance)
-    image_gain_se: float | None = None
+def write_report(
+    comparison: Comparison | Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    **compare_options: Any,
+) -> dict[str, Path]:
+    """Write the report files into out_dir; returns their paths by key (REPORT_FILES; figures that do not apply,
+    such as differences without a baseline, are left out). Given run dicts, compares them first with
+    `compare_runs(runs, **compare_options)`."""
+    if not isinstance(comparison, Comparison):
+        comparison = compare_runs(comparison, **compare_options)
+    elif compare_options:
+        raise TypeError(f"options {sorted(compare_options)} apply to run dicts, not to a Comparison")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder; the report needs a folder")
+    existing = [name for name in REPORT_FILES.values() if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a report ({', '.join(existing)}); choose another folder or overwrite "
+            "(--overwrite) to replace it"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = _figures(comparison)
+    paths = {key: out_dir / REPORT_FILES[key] for key in ("markdown", "json", *drawn)}
+    for key, draw in drawn.items():
+        write_file(paths[key], draw)
+    write_json(paths["json"], comparison.to_dict())
+    write_text(paths["markdown"], render_markdown(comparison, {key: path.name for key, path in paths.items()}))
+    for key, name in REPORT_FILES.items():  # a figure of the earlier report that this one does not draw
+        if key not in paths and (out_dir / name).exists():
+            (out_dir / name).unlink()
+    return paths
 
 
-def read_run(result: Mapping[str, Any], where: str) -> RunSummary:
-    """Check one run's dict and keep what the report shows."""
-    categories = require_field(result, "categories", where)
-    if not isinstance(categories, Mapping) or not categories:
-        raise ValueError(f"{where}: field 'categories' must be a non-empty object of category -> accuracy")
-    return RunSummary(
-        name=require_text(result, "name", where),
-        projector=require_text(result, "projector", where),
-        visual_tokens=_count(result, "visual_tokens", where, minimum=1),
-        overall=_accuracy(require_field(result, "overall", where), f"{where}, field 'overall'"),
-        categories={
-            str(name): _accuracy(value, f"{where}, category {name!r}") for name, value in categories.items()
-        },
-        projector_parameters=(
-            _count(result, "projector_parameters", where, minimum=0)
-            if result.get("projector_parameters") is not None
-            else None
-        ),
-        latency_ms_per_sample=_optional_positive(result, "latency_ms_per_sample", where),
-        tokens_per_second=_optional_positive(result, "tokens_per_second", where),
-        **_image_gain(result, where),
+def _figures(comparison: Comparison) -> dict[str, Any]:
+    drawn = {
+        "accuracy_by_group": lambda path: figures.plot_accuracy_by_level(comparison, "groups", path),
+        "accuracy_by_category": lambda path: figures.plot_accuracy_by_level(comparison, "categories", path),
+        "accuracy_vs_visual_tokens": lambda path: figures.plot_accuracy_vs_tokens(comparison, path),
+    }
+    if comparison.versus_baseline:
+        drawn["differences_vs_baseline"] = lambda path: figures.plot_differences(comparison, path)
+    if comparison.regions and all(grid_cell(region) for region in comparison.regions):
+        drawn["accuracy_by_region"] = lambda path: figures.plot_regions(comparison, path)
+    return drawn
+
+
+# --- Markdown -----------------------------------------------------------------------------------------------------
+
+
+def render_markdown(comparison: Comparison, files: Mapping[str, str] | None = None) -> str:
+    """The whole report.md; `files` maps figure keys to the file names to embed."""
+    files = files or {}
+    sections = [
+        "# Projector comparison",
+        _setup(comparison),
+        "## Runs\n\n" + facts_table(comparison),
+        "## Accuracy by category group\n\n" + accuracy_table(comparison, "groups") + _figure(files, "accuracy_by_group"),
+        "## Accuracy by category\n\n" + accuracy_table(comparison, "categories")
+        + _figure(files, "accuracy_by_category") + _figure(files, "accuracy_vs_visual_tokens"),
+    ]
+    if comparison.baseline:
+        sections.append(
+            f"## Against the baseline {comparison.baseline}, question by question\n\n"
+            + _versus_section(comparison, comparison.versus_baseline, "baseline")
+            + _figure(files, "differences_vs_baseline")
+        )
+    if comparison.blind:
+        sections.append(
+            f"## Against the blind control {comparison.blind}: does each model read the image?\n\n"
+            + _versus_section(comparison, comparison.versus_blind, "blind control")
+        )
+    if comparison.seeded:
+        sections.append("## Seeds\n\n" + seeds_section(comparison))
+    sections.append(f"## Best overall\n\n{_sentence(comparison.ranking.reason)}")
+    if comparison.regions:
+        sections.append(
+            "## Accuracy by image region of the object asked about\n\n" + region_table(comparison)
+            + _figure(files, "accuracy_by_region")
+        )
+    sections.append("## The papers' claims, as measured here\n\n" + claims_section(comparison))
+    if comparison.notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {_sentence(note)}" for note in comparison.notes))
+    return "\n\n".join(section.rstrip() for section in sections) + "\n"
+
+
+def _setup(comparison: Comparison) -> str:
+    totals = {arm.overall.total for arm in comparison.arms}
+    questions = "questions per run vary"
+    if len(totals) == 1 and None not in totals:
+        questions = f"{totals.pop()} questions per run"
+    same = "the same questions for every run"
+    if not comparison.same_questions:
+        same = "**not the same questions**: no ranking or paired tests"
+    lines = [f"Benchmark: {comparison.benchmark or 'unnamed'}; {questions}, {same}."]
+    roles = [f"Baseline: {comparison.baseline or 'none'}."]
+    if comparison.blind:
+        roles.append(f"Blind control: {comparison.blind} (same recipe, every image replaced by another sample's).")
+    if comparison.text_ceiling:
+        ceiling = comparison.text_ceiling
+        roles.append(f"Text ceiling: {ceiling.model} ({ceiling.condition}).")
+    lines.append(" ".join(roles))
+    seeds = (
+        " With several seeds per arm: the mean across seeds ± its standard deviation, and the Student t 95% interval "
+        "of the mean."
+        if comparison.seeded
+        else ""
+    )
+    lines.append(
+        "Accuracy in %, with its 95% interval in brackets (Wilson score for one run)." + seeds
+        + f" Paired tests: exact McNemar on the questions both runs answered, significant when p < {SIGNIFICANCE} "
+        "after Holm's correction (per table and seed, the overall tests as one family and the group tests as "
+        "another); differences with Newcombe's paired 95% interval."
+    )
+    return "\n".join(lines)
+
+
+def facts_table(comparison: Comparison) -> str:
+    with_gain = any(run.image_gain is not None for arm in comparison.arms for run in arm.runs)
+    header = ["Arm", "Projector", "Role", "Seeds", "Visual tokens", "Projector params", "Latency (ms/sample)", "Tokens/s"]
+    header += ["Image gain (nats/token)"] * with_gain + ["Questions"]
+    lines = _header(header, left=3)
+    for arm in comparison.arms:
+        params = arm.mean("projector_parameters")
+        cells = [
+            arm.name,
+            arm.projector,
+            arm.role,
+            ", ".join(MISSING if seed is None else str(seed) for seed in arm.seeds),
+            str(arm.visual_tokens),
+            MISSING if params is None else f"{round(params):,}",
+            _optional(arm.mean("latency_ms_per_sample"), ".1f"),
+            _optional(arm.mean("tokens_per_second"), ".1f"),
+        ]
+        if with_gain:
+            cells.append(_image_gain(arm))
+        cells.append(_optional(arm.overall.total, "d"))
+        lines.append(_row(cells))
+    note = ""
+    if with_gain:
+        note = (
+            "\n\nImage gain: how much lower the loss per supervised token is with each sample's own image than with "
+            "another sample's (± standard error; across seeds ± standard deviation); 0 means the model ignores the "
+            "image."
+        )
+    return "\n".join(lines) + note
+
+
+def _image_gain(arm: Arm) -> str:
+    gains = [run.image_gain for run in arm.runs if run.image_gain is not None]
+    if not gains:
+        return MISSING
+    if len(gains) == 1:
+        run = next(run for run in arm.runs if run.image_gain is not None)
+        return with_error(run.image_gain, run.image_gain_se)
+    mean = sum(gains) / len(gains)
+    return with_error(mean, math.sqrt(sum((gain - mean) ** 2 for gain in gains) / (len(gains) - 1)))
+
+
+def with_error(value: float, error: float) -> str:
+    """`value ± error` with enough decimals to show the error's first digit (at least 3, at most 6)."""
+    decimals = 3 if error <= 0 else min(6, max(3, 1 - math.floor(math.log10(error))))
+    return f"{value:.{decimals}f} ± {error:.{decimals}f}"
+
+
+def accuracy_table(comparison: Comparison, kind: str) -> str:
+    """One row per arm (blind control included), then the text ceiling; columns overall and each level of `kind`."""
+    levels = list(getattr(comparison, kind))
+    lines = _header(["Arm", "Overall", *levels], left=1)
+    counts = not comparison.same_questions
+    for arm in comparison.arms:
+        name = arm.name + (" (blind control)" if arm.role == BLIND else " (baseline)" if arm.role == BASELINE else "")
+        cells = [cell(arm.overall, counts)] + [cell(arm.accuracy[kind].get(level), counts) for level in levels]
+        lines.append(_row([name, *cells]))
+    if comparison.text_ceiling:
+        ceiling = comparison.ceiling_accuracy
+        cells = [cell(ceiling.get(kind, {}).get(level), True) for level in levels]
+        lines.append(_row(["text ceiling", cell(ceiling[OVERALL][OVERALL], True), *cells]))
+    return "\n".join(lines)
+
+
+def cell(found: Estimate | None, counts: bool = False) -> str:
+    """62.5 [48.1, 75.0], or with seeds 62.5 ± 3.1 [54.7, 70.3]; with counts: 62.5 [48.1, 75.0] (25/40)."""
+    if found is None:
+        return MISSING
+    spread = f" ± {100 * found.sd:.1f}" if found.sd is not None else ""
+    text = f"{100 * found.value:.1f}{spread} [{100 * found.interval.low:.1f}, {100 * found.interval.high:.1f}]"
+    if counts and found.correct is not None:
+        text += f" ({found.correct}/{found.total})"
+    return text
+
+
+def _versus_section(comparison: Comparison, rows: Sequence[Versus], reference: str) -> str:
+    if not rows:
+        return f"No paired tests: {comparison.unpaired or 'no run to compare'}."
+    seeded = any(len(versus.tests) > 1 for versus in rows)
+    header = ["Arm", "Level", "Questions", f"{reference.capitalize()} acc.", "Arm acc.", "Difference [95% interval]"]
+    header += ["Significant seeds"] if seeded else ["Only arm right / only reference right", "p", "p (Holm)"]
+    header += ["Verdict"]
+    lines = _header(header, left=2)
+    for versus in rows:
+        first = versus.tests[0]
+        reference_acc = sum(t.table.correct_b / t.table.total for t in versus.tests) / len(versus.tests)
+        arm_acc = sum(t.table.correct_a / t.table.total for t in versus.tests) / len(versus.tests)
+        cells = [versus.arm, versus.level, str(first.table.total), f"{100 * reference_acc:.1f}", f"{100 * arm_acc:.1f}",
+                 difference_cell(versus)]  # fmt: skip
+        if seeded:
+            cells.append(f"{versus.significant_seeds} of {len(versus.tests)}")
+        else:
+            cells += [f"{first.table.only_a} / {first.table.only_b}", _p(first.p_value), _p(first.p_adjusted)]
+        cells.append(f"**{versus.verdict}**" if versus.significant else versus.verdict)
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def difference_cell(versus: Versus) -> str:
+    interval = versus.interval
+    return f"{100 * versus.difference:+.1f} [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}]"
+
+
+def seeds_section(comparison: Comparison) -> str:
+    """Accuracy per seed for each arm and level, then every paired test per seed."""
+    kinds = [(OVERALL, OVERALL), *(("groups", group) for group in comparison.groups)]
+    seeds = sorted({seed for arm in comparison.arms for seed in arm.seeds if seed is not None})
+    lines = _header(["Arm", "Level", "Mean ± sd", *(f"seed {seed}" for seed in seeds)], left=2)
+    for arm in comparison.arms:
+        for kind, level in kinds:
+            found = arm.accuracy[kind].get(level)
+            if found is None:
+                continue
+            per_seed = dict(zip(arm.seeds, found.per_seed or (found.value,)))
+            values = [f"{100 * per_seed[seed]:.1f}" if seed in per_seed else MISSING for seed in seeds]
+            spread = f"{100 * found.value:.1f}" + (f" ± {100 * found.sd:.1f}" if found.sd is not None else "")
+            lines.append(_row([arm.name, level, spread, *values]))
+    tests = [(versus, test) for versus in (*comparison.versus_baseline, *comparison.versus_blind) for test in versus.tests]
+    if tests:
+        lines += ["", "Paired tests per seed:", ""]
+        header = ["Arm", "Reference", "Level", "Seed", "Difference [95% interval]", "p (Holm)", "Significant"]
+        lines += _header(header, left=3)
+        for versus, test in tests:
+            interval = f"{100 * test.difference:+.1f} [{100 * test.interval.low:+.1f}, {100 * test.interval.high:+.1f}]"
+            lines.append(_row([versus.arm, versus.reference, versus.level, str(test.seed), interval,
+                               _p(test.p_adjusted), "yes" if test.significant else "no"]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def region_table(comparison: Comparison) -> str:
+    regions = list(comparison.regions)
+    lines = _header(["Arm", *regions], left=1)
+    for arm in comparison.arms:
+        cells = []
+        for region in regions:
+            found = arm.accuracy["regions"].get(region)
+            cells.append(MISSING if found is None else f"{100 * found.value:.1f} (n={_optional(found.total, 'd')})")
+        lines.append(_row([arm.name, *cells]))
+    return "\n".join(lines) + (
+        "\n\nThe region is that of the centre of the object the question asks about (for relations, the first object "
+        "named); counting questions and questions about no single object are left out. n: questions per run."
     )
 
 
-def _image_gain(result: Mapping[str, Any], where: str) -> dict[str, float]:
-    reliance = result.get("image_reliance")
-    if reliance is None:
-        return {}
-    if not isinstance(reliance, Mapping):
-        raise ValueError(f"{where}: field 'image_reliance' must be an object (ImageReliance.to_dict()), got {reliance!r}")
-    gain, error = reliance.get("gap"), reliance.get("gap_standard_error")
-    if not _is_number(gain) or not _is_number(error) or error < 0:
-        raise ValueError(
-            f"{where}: field 'image_reliance' needs numbers 'gap' and 'gap_standard_error' >= 0, got {gain!r}, {error!r}"
-        )
-    return {"image_gain": float(gain), "image_gain_se": float(error)}
+def claims_section(comparison: Comparison) -> str:
+    lines = []
+    for claim in comparison.claims:
+        subject = f" ({claim.arm})" if claim.arm else ""
+        lines.append(f"- **{claim.paper}**{subject}: *{claim.claim}.* {_sentence(claim.finding)}")
+    return "\n".join(lines)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _figure(files: Mapping[str, str], key: str) -> str:
+    return f"\n\n![{key.replace('_', ' ')}]({files[key]})" if key in files else ""
 
 
-def _accuracy(value: Any, where: str) -> float:
-    if not _is_number(value):
-        raise ValueError(f"{where}: accuracy must be a number, got {value!r}")
-    if not 0 <= value <= 1:
-        hint = " (accuracies are fractions; divide percentages by 100)" if 1 < value <= 100 else ""
-        raise ValueError(f"{where}: accuracy must lie in [0, 1], got {value!r}{hint}")
-    return float(value)
+def _header(names: Sequence[str], left: int) -> list[str]:
+    align = ["---"] * left + ["---:"] * (len(names) - left)
+    return [_row(names), "|" + "|".join(align) + "|"]
 
 
-def _count(result: Mapping[str, Any], field: str, where: str, minimum: int) -> int:
-    value = require_field(result, field, where)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{where}: field {field!r} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _optional_positive(result: Mapping[str, Any], field: str, where: str) -> float | None:
-    value = result.get(field)
-    if value is None:
-        return None
-    if not _is_number(value) or value <= 0:
-        raise ValueError(f"{where}: field {field!r} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def read_runs(results: list[Mapping[str, Any]]) -> list[RunSummary]:
-    """All runs, checked; names must be unique since they label rows, bars and points."""
-    if not results:
-        raise ValueError("no evaluation results to report")
-    runs = [read_run(result, f"result {index}") for index, result in enumerate(results)]
-    seen: set[str] = set()
-    for index, run in enumerate(runs):
-        if run.name in seen:
-            raise ValueError(f"result {index}: name {run.name!r} is used by an earlier result; names must differ")
-        seen.add(run.name)
-    return runs
-
-
-def category_names(runs: list[RunSummary]) -> list[str]:
-    """Every category any run reports, sorted."""
-    return sorted({name for run in runs for name in run.categories})
-
-
-def _percent(accuracy: float | None) -> str:
-    return MISSING if accuracy is None else f"{accuracy * 100:.1f}"
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _optional(value: float | int | None, spec: str) -> str:
     return MISSING if value is None else format(value, spec)
 
 
-def markdown_table(runs: list[RunSummary]) -> str:
-    """One row per run: its facts, overall accuracy and accuracy per category (in %)."""
-    categories = category_names(runs)
-    with_gain = any(run.image_gain is not None for run in runs)
-    header = ["Run", "Projector", "Visual tokens", "Projector params", "Latency (ms/sample)", "Tokens/s"]
-    header += ["Image gain (nats/token)"] * with_gain + ["Overall"] + categories
-    align = ["---", "---"] + ["---:"] * (len(header) - 2)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    for run in runs:
-        cells = [
-            run.name,
-            run.projector,
-            str(run.visual_tokens),
-            _optional(run.projector_parameters, ","),
-            _optional(run.latency_ms_per_sample, ".1f"),
-            _optional(run.tokens_per_second, ".1f"),
-        ]
-        if with_gain:
-            cells.append(MISSING if run.image_gain is None else _with_error(run.image_gain, run.image_gain_se))
-        cells.append(_percent(run.overall))
-        cells += [_percent(run.categories.get(category)) for category in categories]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def _with_error(value: float, error: float) -> str:
-    """`value ± error` with enough decimals to show the error's first digit (at least 3, at most 6)."""
-    decimals = 3 if error <= 0 else min(6, max(3, 1 - math.floor(math.log10(error))))
-    return f"{value:.{decimals}f} ± {error:.{decimals}f}"
-
-
-def _gain_note(runs: list[RunSummary]) -> str:
-    if all(run.image_gain is None for run in runs):
-        return ""
-    return (
-        " Image gain: how much lower the loss per supervised token is with each sample's own image than with another"
-        " sample's (± standard error); 0 means the model ignores the image."
-    )
-
-
-def _best_overall(runs: list[RunSummary]) -> RunSummary:
-    return max(runs, key=lambda run: run.overall)
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)  # render with Agg whatever backend pyplot may be set to
-    return figure
-
-
-def plot_accuracy_by_category(runs: list[RunSummary], path: Path) -> None:
-    """Grouped bars: for each category (and overall), one bar per run."""
-    groups = category_names(runs) + [OVERALL_LABEL]
-    figure = _new_figure(max(6.0, 1.2 * len(groups) + 2.0), 5.0)
-    axes = figure.subplots()
-    bar_width = 0.8 / len(runs)
-    for offset, run in enumerate(runs):
-        values = [run.categories.get(group, math.nan) if group != OVERALL_LABEL else run.overall for group in groups]
-        positions = [index - 0.4 + bar_width * (offset + 0.5) for index in range(len(groups))]
-        axes.bar(positions, [value * 100 for value in values], bar_width, label=f"{run.name} ({run.projector})")
-    axes.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_ylim(0, 100)
-    axes.set_title("Accuracy per category")
-    # outside the axes, so that no bar near 100% hides under it
-    figure.legend(loc="outside lower center", ncols=min(len(runs), 3), fontsize="small")
-    figure.savefig(path, dpi=100)
-
-
-def plot_accuracy_vs_tokens(runs: list[RunSummary], path: Path) -> None:
-    """Overall accuracy against visual tokens per image, each point labelled with its run."""
-    figure = _new_figure(6.0, 4.5)
-    axes = figure.subplots()
-    axes.scatter([run.visual_tokens for run in runs], [run.overall * 100 for run in runs])
-    for run in runs:
-        axes.annotate(
-            run.name, (run.visual_tokens, run.overall * 100), textcoords="offset points", xytext=(5, 5), fontsize=8
-        )
-    axes.set_xlabel("visual tokens per image")
-    axes.set_ylabel("overall accuracy (%)")
-    axes.set_ylim(0, 100)
-    axes.set_title("Accuracy against visual tokens")
-    axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
-
-
-def write_report(results: list[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.json, accuracy_by_category.png and accuracy_vs_visual_tokens.png into out_dir.
-
-    Returns their paths under the keys "markdown", "json", "accuracy_by_category", "accuracy_vs_visual_tokens".
-    """
-    runs = read_runs(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "markdown": out_dir / "report.md",
-        "json": out_dir / "report.json",
-        "accuracy_by_category": out_dir / "accuracy_by_category.png",
-        "accuracy_vs_visual_tokens": out_dir / "accuracy_vs_visual_tokens.png",
-    }
-    best = _best_overall(runs)
-    paths["markdown"].write_text(
-        "# Projector comparison\n\n"
-        f"{markdown_table(runs)}\n\n"
-        f"Accuracy in %. Best overall: {best.name} ({_percent(best.overall)}).{_gain_note(runs)}\n\n"
-        f"![accuracy per category]({paths['accuracy_by_category'].name})\n\n"
-        f"![accuracy against visual tokens]({paths['accuracy_vs_visual_tokens'].name})\n",
-        encoding="utf-8",
-    )
-    summary = {
-        "accuracy_unit": "fraction",
-        "categories": category_names(runs),
-        "best_overall": best.name,
-        "runs": [asdict(run) for run in runs],
-    }
-    paths["json"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot_accuracy_by_category(runs, paths["accuracy_by_category"])
-    plot_accuracy_vs_tokens(runs, paths["accuracy_vs_visual_tokens"])
-    return paths
+def _sentence(text: str) -> str:
+    return text if text.endswith(".") else text + "."

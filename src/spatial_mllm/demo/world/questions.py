@@ -40,13 +40,16 @@ PRESENT_BIAS = 0.7  # how often a counting question names a kind of object the s
 @dataclass(frozen=True)
 class QA:
     """A question stem with its answer. distractors: wrong answers a multiple-choice form may offer (none: the
-    question is only asked in short form). objects: indices of the scene objects it is about."""
+    question is only asked in short form). objects: indices of the scene objects it is about. subject: the one
+    object it asks about (for a relation or comparison, the first object named), None when there is no single one
+    (counting, absent objects, several objects of the named kind)."""
 
     category: str
     question: str
     answer: str
     distractors: tuple[str, ...] = ()
     objects: tuple[int, ...] = ()
+    subject: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class PosedQuestion:
     answer_text: str
     options: tuple[str, ...]
     objects: tuple[int, ...]
+    subject: int | None
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def pose(qa: QA, rng: random.Random, mc_probability: float) -> PosedQuestion:
 
 def pose_short(qa: QA) -> PosedQuestion:
     text = f"{qa.question}\n{SHORT_SUFFIX}"
-    return PosedQuestion(qa.category, qa.question, text, "short", qa.answer, qa.answer, (), qa.objects)
+    return PosedQuestion(qa.category, qa.question, text, "short", qa.answer, qa.answer, (), qa.objects, qa.subject)
 
 
 def pose_multiple_choice(qa: QA, rng: random.Random) -> PosedQuestion:
@@ -100,7 +104,9 @@ def pose_multiple_choice(qa: QA, rng: random.Random) -> PosedQuestion:
     lines = [f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, options)]
     text = "\n".join([qa.question, *lines, MC_SUFFIX])
     letter = OPTION_LETTERS[options.index(qa.answer)]
-    return PosedQuestion(qa.category, qa.question, text, "mc", letter, qa.answer, tuple(options), qa.objects)
+    return PosedQuestion(
+        qa.category, qa.question, text, "mc", letter, qa.answer, tuple(options), qa.objects, qa.subject
+    )
 
 
 def existence_question(pair: Pair) -> str:
@@ -132,7 +138,8 @@ def ask_existence(scene: Scene, rng: random.Random, policy: TextPolicy) -> QA | 
         index = rng.randrange(len(scene.objects))
         pair = scene.objects[index].pair
         holders = tuple(i for i, o in enumerate(scene.objects) if o.pair == pair)
-        return QA("existence", existence_question(pair), "yes", (), holders)
+        subject = holders[0] if len(holders) == 1 else None
+        return QA("existence", existence_question(pair), "yes", (), holders, subject)
     negatives = negative_pairs(scene, rng.choice(NEGATIVE_STRATEGIES), 1, rng, policy)
     return QA("existence", existence_question(negatives[0]), "no") if negatives else None
 
@@ -178,7 +185,7 @@ def ask_size_compare(scene: Scene, rng: random.Random, policy: TextPolicy) -> QA
     loser = j if winner == i else i
     a, b = reference(i, objects), reference(j, objects)
     question = f"Which is {word}, the {a} or the {b}?"
-    return QA("size_compare", question, reference(winner, objects), (reference(loser, objects),), (i, j))
+    return QA("size_compare", question, reference(winner, objects), (reference(loser, objects),), (i, j), i)
 
 
 def ask_left_right(scene: Scene, rng: random.Random, policy: TextPolicy) -> QA | None:
@@ -198,7 +205,7 @@ def ask_location(scene: Scene, rng: random.Random, policy: TextPolicy) -> QA | N
         return None
     index, region = rng.choice(located)
     question = f"Where is the {reference(index, scene.objects)} in the image?"
-    return QA("location", question, region, tuple(r for r in REGIONS if r != region), (index,))
+    return QA("location", question, region, tuple(r for r in REGIONS if r != region), (index,), index)
 
 
 def ask_closer(scene: Scene, rng: random.Random, policy: TextPolicy) -> QA | None:
@@ -224,7 +231,9 @@ def ask_closer(scene: Scene, rng: random.Random, policy: TextPolicy) -> QA | Non
         i, j, winner = j, i, 1 - winner
     a, b = reference(i, objects), reference(j, objects)
     right, wrong = (a, b) if winner == 0 else (b, a)
-    return QA("closer", f"Which is closer to the {target}, the {a} or the {b}?", right, (wrong,), (*extra, i, j))
+    subject = extra[0] if extra else i  # the first object named: the target when it is an object
+    return QA("closer", f"Which is closer to the {target}, the {a} or the {b}?", right, (wrong,), (*extra, i, j),
+              subject)  # fmt: skip
 
 
 ASKERS: dict[str, Callable[[Scene, random.Random, TextPolicy], QA | None]] = {
@@ -274,7 +283,7 @@ def _ask_attribute(
         return None
     index, text = rng.choice(named)
     answer = getattr(scene.objects[index], attribute)
-    return QA(attribute, template.format(text), answer, tuple(v for v in vocabulary if v != answer), (index,))
+    return QA(attribute, template.format(text), answer, tuple(v for v in vocabulary if v != answer), (index,), index)
 
 
 def _ask_relation(
@@ -295,4 +304,4 @@ def _ask_relation(
         return None
     i, j, word = rng.choice(related)
     question = template.format(reference(i, objects), reference(j, objects))
-    return QA(category, question, word, tuple(w for w in words if w != word), (i, j))
+    return QA(category, question, word, tuple(w for w in words if w != word), (i, j), i)

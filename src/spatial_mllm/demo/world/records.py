@@ -22,6 +22,7 @@ from .questions import (
     pose,
     pose_short,
 )
+from .geometry import region_of
 from .scene import Scene
 
 # Same literal as spatial_mllm.model.IMAGE_TOKEN; not imported so that making data does not load the model code.
@@ -102,7 +103,16 @@ def _answer_key(question_id: str, scene: Scene, posed: PosedQuestion) -> dict[st
         "answer_text": posed.answer_text,
         "options": list(posed.options),
         "involves_holdout": scene.holdout is not None and scene.holdout.object in posed.objects,
+        "region": _subject_region(scene, posed.subject),
     }
+
+
+def _subject_region(scene: Scene, subject: int | None) -> str | None:
+    """The 3x3 region holding the centre of the object a question asks about, for accuracy by image region."""
+    if subject is None:
+        return None
+    obj = scene.objects[subject]
+    return region_of(obj.x, obj.y, scene.width, scene.height)
 
 
 def _conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
