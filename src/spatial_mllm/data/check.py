@@ -78,10 +78,11 @@ def processor_for_checks(
         return processor, None
     from transformers import AutoTokenizer, CLIPImageProcessorPil
 
+    from ..hub import resolve_source
     from ..model.builder import add_image_token
     from ..model.configuration import IMAGE_TOKEN
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(str(tokenizer_dir), "--tokenizer"))
     note = None
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         note = f"the tokenizer has no {IMAGE_TOKEN} token; added it for this check, as model building does"

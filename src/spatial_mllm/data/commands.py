@@ -95,14 +95,17 @@ def _register_tokenizer(data_subparsers: argparse._SubParsersAction) -> None:
         "tokenizer", help="train the built-in world's tokenizer (byte-level BPE, <image>, vicuna chat template)"
     )
     parser.add_argument("--world", required=True, help="folder of a generated world (LLaVA JSON / JSONL files)")
-    parser.add_argument("--out", required=True, help="folder to save the tokenizer to")
+    parser.add_argument("--out", required=True, help="folder to save the tokenizer to (new or empty)")
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (all of it)")
     parser.set_defaults(func=_tokenizer)
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
     from ..demo.tokenizer import train_world_tokenizer, world_texts
+    from ..files import check_output
 
+    check_output(args.out, "--out", inputs={"--world": args.world}, overwrite=args.overwrite, folder=True)
     tokenizer = train_world_tokenizer(world_texts(args.world), args.out, vocab_size=args.vocab_size)
     print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out}")
     return 0

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..files import write_folder
 from ..model.chat_templates import VICUNA_SYSTEM, VICUNA_V1
 from ..model.configuration import IMAGE_TOKEN
 
@@ -55,7 +56,7 @@ def train_world_tokenizer(
         extra_special_tokens=[IMAGE_TOKEN],
     )
     tokenizer.chat_template = VICUNA_V1
-    tokenizer.save_pretrained(out_dir)
+    write_folder(out_dir, tokenizer.save_pretrained)  # appears whole or not at all
     return AutoTokenizer.from_pretrained(out_dir)
 
 

@@ -19,8 +19,13 @@ class JsonlLine(NamedTuple):
 def jsonl_lines(path: str | Path) -> Iterator[JsonlLine]:
     """Each non-blank line of a JSONL file, parsed; a broken line comes with its problem instead of raising, so a
     caller can skip and report it (the evaluation runner) or stop at it (read_jsonl)."""
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield JsonlLine(number, None, f"not UTF-8 text ({err.reason} at byte {err.start})")
+                continue
             if not line.strip():
                 continue
             try:

@@ -6,6 +6,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from ..cache import tokenizer_digest
+from ..hub import resolve_source
 from ..vision.tower import VisionTower, backbone_of, vision_config_of
 from .configuration import IMAGE_TOKEN, SpatialMLLMConfig
 from .modeling import SpatialMLLMForConditionalGeneration
@@ -44,11 +45,15 @@ def build_model(
     dtype=None,
     chat_template: str | None = None,
 ) -> tuple[SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor]:
-    """A model and its processor from pretrained (name or folder) or config-built vision tower and LLM.
+    """A model and its processor from pretrained (name or folder) or config-built vision tower and LLM; a name that
+    is neither a folder, nor cached, nor reachable on the hub is refused at once.
 
     chat_template: a template name (`vicuna_v1`, `plain`, `chat_template`) or Jinja text; default: the tokenizer's
     own when it has one, else `vicuna_v1`.
     """
+    vision = resolve_source(vision, "vision model") if isinstance(vision, str) else vision
+    llm = resolve_source(llm, "language model") if isinstance(llm, str) else llm
+    tokenizer = resolve_source(tokenizer, "tokenizer") if isinstance(tokenizer, str) else tokenizer
     tower = VisionTower.from_pretrained(vision) if isinstance(vision, str) else VisionTower.from_config(vision)
     lm = (
         AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)

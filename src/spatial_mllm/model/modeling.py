@@ -50,6 +50,10 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
         )
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        if config.image_token_id is not None:
+            # The image token is a placeholder for pixels, never an answer: generation does not emit it.
+            suppressed = list(self.generation_config.suppress_tokens or [])
+            self.generation_config.suppress_tokens = sorted({*suppressed, config.image_token_id})
 
     # --- what the rest of the toolkit asks of a model -------------------------------------------------------------
     @property
@@ -118,13 +122,18 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
     ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             image_mask = input_ids == self.config.image_token_id
+            embeddings = self.get_input_embeddings()
             # The image token may lie outside the LM's vocabulary (as in converted checkpoints): embed a stand-in.
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+            outside = image_mask & (input_ids >= embeddings.num_embeddings)
+            inputs_embeds = embeddings(input_ids.masked_fill(outside, 0))
             has_images = pixel_values is not None or vision_features is not None
+            cached = past_key_values if past_key_values is not None else kwargs.get("cache")
+            prefilled = cached is not None and cached.get_seq_length() > 0
             if has_images:
                 image_features = self.get_image_features(pixel_values, vision_features)
                 inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
-            elif bool(image_mask.any()) and past_key_values is None:
+            elif bool(image_mask.any()) and not prefilled:
+                # After prefill an image token is text the model produced (read as text); before it, images are missing.
                 raise ValueError("input_ids contain image tokens but no pixel_values or vision_features were given")
             if labels is not None:
                 labels = labels.masked_fill(image_mask, -100)

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from ..hub import looks_local
 from ..model.chat_templates import template_names
 
 STAGES = ("align", "instruct")
@@ -46,15 +47,10 @@ class ModelSection:
             raise ValueError(f"model.projector {self.projector!r} is not registered; known: {', '.join(PROJECTORS.names())}")
         for name in ("vision", "llm", "tokenizer"):
             value = getattr(self, name)
-            if value is not None and _is_local_path(value) and not Path(value).expanduser().exists():
+            if value is not None and looks_local(value) and not Path(value).expanduser().exists():
                 raise FileNotFoundError(
                     f"model.{name} {value}: no such folder (a local path; hub names look like org/name)"
                 )
-
-
-def _is_local_path(value: str) -> bool:
-    """Hub names are `name` or `org/name`; anything else (absolute, relative with ./, deeper) is a local path."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value or Path(value).exists()
 
 
 @dataclass
@@ -150,6 +146,10 @@ class TrainConfig:
             (self.data.template is None or self.data.template in template_names(),
              f"data.template {self.data.template!r} is not a known template; known: {', '.join(template_names())}"),
             (self.optimisation.lr > 0, "optimisation.lr must be positive"),
+            (self.optimisation.weight_decay >= 0, f"optimisation.weight_decay must be >= 0, got {self.optimisation.weight_decay}"),
+            (self.optimisation.seed >= 0, f"optimisation.seed must be >= 0, got {self.optimisation.seed}"),
+            (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
+            (self.data.max_length > 0, f"data.max_length must be positive, got {self.data.max_length}"),
             (self.optimisation.projector_lr is None or self.optimisation.projector_lr > 0,
              "optimisation.projector_lr must be positive or null"),
             (self.optimisation.global_batch_size > 0 and self.optimisation.micro_batch_size > 0,
