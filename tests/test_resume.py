@@ -8,6 +8,7 @@ Run as a script, this file is the training worker the SIGKILL test starts.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -38,20 +39,20 @@ from spatial_mllm.training.metrics import read_metrics
 WORKER_STEPS = 8
 
 
-def worker_config(base: Path, out: Path, resume: str):
+def worker_config(base: Path, out: Path, resume: str, every: int = 2):
     return tiny_config(
         base, out, "instruct",
-        f"optimisation.max_steps={WORKER_STEPS}", "lora.dropout=0.1", "checkpoint.every_steps=2", f"resume={resume}",
+        f"optimisation.max_steps={WORKER_STEPS}", "lora.dropout=0.1", f"checkpoint.every_steps={every}", f"resume={resume}",
     )
 
 
-def run_worker(base: str, out: str, resume: str, delay: str) -> None:
+def run_worker(base: str, out: str, resume: str, delay: str, every: str = "2") -> None:
     torch.set_num_threads(1)
-    train(worker_config(Path(base), Path(out), resume), TinySamples(Path(base), delay=float(delay)))
+    train(worker_config(Path(base), Path(out), resume, int(every)), TinySamples(Path(base), delay=float(delay)))
 
 
-def worker_command(base: Path, out: Path, resume: str, delay: float) -> list[str]:
-    return [sys.executable, __file__, str(base), str(out), resume, str(delay)]
+def worker_command(base: Path, out: Path, resume: str, delay: float, every: int = 2) -> list[str]:
+    return [sys.executable, __file__, str(base), str(out), resume, str(delay), str(every)]
 
 
 def worker_env() -> dict[str, str]:
@@ -112,6 +113,42 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(stage1_dir, tmp_path):
     assert [s for s, _ in killed_losses] == list(range(1, WORKER_STEPS + 1))
     np.testing.assert_allclose([v for _, v in killed_losses], [v for _, v in full_losses], atol=1e-6, rtol=0)
     assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_random_kills_and_a_damaged_checkpoint_still_end_byte_identical(stage1_dir, tmp_path):
+    """SIGKILL at random moments of a run that checkpoints (and prunes) every step, so kills land while saving and
+    pruning too; after the second kill the newest checkpoint is also zeroed. Each restart resumes with resume=auto;
+    the final weights must equal an uninterrupted run's exactly."""
+    rng = random.Random(11)
+    full = tmp_path / "full"
+    started = time.monotonic()
+    result = subprocess.run(worker_command(stage1_dir, full, "null", 0.04, every=1), env=worker_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    duration = time.monotonic() - started  # kill times are drawn within a whole run's length on this machine
+    out, kills = tmp_path / "killed", 0
+    while True:
+        process = subprocess.Popen(worker_command(stage1_dir, out, "auto", 0.04, every=1), env=worker_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            process.wait(timeout=rng.uniform(0.4, 0.95) * duration if kills < 4 else None)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        error = process.stderr.read().decode()
+        process.stderr.close()
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL, error[-3000:]
+        if kills == 2 and latest_checkpoint(out) is not None:
+            (latest_checkpoint(out) / "trainable.safetensors").write_bytes(b"\0" * 256)
+    assert kills == 4
+    resumed, uninterrupted = final_weights(out), final_weights(full)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_resume_from_a_copied_checkpoint_gives_the_same_weights(stage1_dir, tmp_path):

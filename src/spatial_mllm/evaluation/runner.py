@@ -119,7 +119,9 @@ def _unreadable_image(folder: Path, image: Any) -> str | None:
     try:
         with Image.open(path):
             return None
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:
+        return f"too large to decode: {path} ({err})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"not a readable image: {path} ({err})"
 
 

@@ -199,28 +199,28 @@ def checkpoints_to_resume(config: TrainConfig) -> list[Path]:
 RUN_ARTEFACTS = {CONFIG_COPY, METRICS_FILE, LOSS_PLOT, TENSORBOARD_DIR, CHECKPOINTS, RUN_INFO_FILE}
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether a folder holds a training run of this toolkit (finished, or killed part-way)."""
+    return any((folder / name).exists() for name in (CONFIG_COPY, CHECKPOINTS, RUN_INFO_FILE))
+
+
 def check_output_dir(config: TrainConfig) -> None:
-    """output_dir must be new, empty, or a run of ours: continued with resume, replaced with overwrite=true
-    (its own files only); a folder holding anything else is refused, naming what is there."""
+    """output_dir must be new, empty, or a run of ours: continued with resume, replaced with overwrite=true (its
+    own files only); a folder holding anything else is refused, naming what is there."""
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"output_dir {output_dir} is a file, not a folder")
     if not output_dir.is_dir():
         return
-    present = {path.name for path in output_dir.iterdir() if not path.name.startswith(".tmp-")}
+    present = sorted(path.name for path in output_dir.iterdir() if not path.name.startswith(".tmp-"))
     if not present:
         return
-    own = RUN_ARTEFACTS | set(run_info(output_dir).get("files", []))
-    foreign = sorted(present - own)
-    if foreign:
-        shown = ", ".join(foreign[:6])
+    if not is_run_folder(output_dir):
         raise ValueError(
-            f"output_dir {output_dir} holds files that are not a spatial-mllm run of this toolkit ({shown}); "
-            "choose a new or empty folder"
+            f"output_dir {output_dir} holds files that are not a spatial-mllm run of this toolkit "
+            f"({', '.join(present[:6])}); choose a new or empty folder"
         )
-    if config.resume is not None:
-        return
-    if not config.overwrite:
+    if config.resume is None and not config.overwrite:
         what = "checkpoints of a run" if list_checkpoints(output_dir) else "a run"
         raise ValueError(
             f"output_dir {output_dir} already holds {what}: set resume=auto to continue it, overwrite=true to "
@@ -229,9 +229,14 @@ def check_output_dir(config: TrainConfig) -> None:
 
 
 def clear_output_dir(output_dir: Path) -> None:
-    """Removes the files of the earlier run in output_dir (check_output_dir made sure there are no others)."""
-    for path in sorted(output_dir.iterdir()):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    """Removes the earlier run's own files from output_dir: its artefacts and the files its run info lists
+    (anything else there is left as it is; the new export replaces files of the same names)."""
+    for name in sorted(RUN_ARTEFACTS | set(run_info(output_dir).get("files", []))):
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def describe_trainable(model: torch.nn.Module) -> str:
@@ -313,10 +318,10 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
         if rng is None:
             logger.warning("%s has no RNG state for process %d: dropout will not repeat exactly", resume_from, accelerator.process_index)
         break
-    if candidates and resume_from is None and config.resume != "auto":
-        raise ValueError(f"resume: {candidates[0]} cannot be read; see the message above")
     if candidates and resume_from is None:
-        raise ValueError(f"resume=auto: none of the {len(candidates)} checkpoints in {output_dir} can be read")
+        if config.resume != "auto":
+            raise ValueError(f"resume: {candidates[0]} cannot be read; see the message above")
+        accelerator.print(f"[{config.stage.name}] no checkpoint in {output_dir} can be read: starting from step 0")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(output_dir)
