@@ -388,3 +388,27 @@ def test_data_files_are_checked_before_the_model(tmp_path, capsys):
                                       "data": {"train_json": str(tmp_path / "missing.json")}}))
     code, message = run(capsys, "train", "--config", config)
     assert code == 2 and f"data.train_json {tmp_path / 'missing.json'}: no such file" in message
+
+
+def test_a_stopped_eval_keeps_its_answers_so_far(model_dir, questions, monkeypatch):
+    from spatial_mllm.evaluation import runner
+    from spatial_mllm.evaluation.evaluate import evaluate_questions
+
+    real = runner.generate_batch
+    calls = []
+
+    def stops_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_batch", stops_on_second_batch)
+    model, processor = load_model_folder(model_dir)
+    out = questions.parent / "answers.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_questions(model, processor, questions, questions.parent / "images", out, batch_size=2,
+                           max_new_tokens=2, progress=False)
+    assert not out.exists()  # never a partial run under the final name
+    kept = [json.loads(line)["question_id"] for line in runner.partial_path(out).read_text().splitlines()]
+    assert kept == ["q0", "q1"]
