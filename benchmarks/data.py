@@ -8,10 +8,9 @@ whole folder, for each --canvas.
 
 Loading: a world of --records train images (canvas: the first --canvas) generated into a temporary folder, its
 tokenizer trained on its text (spatial_mllm.demo.tokenizer), and its stage-2 LLaVA JSON read through LlavaDataset +
-DataCollator in a torch DataLoader with an image transform shaped like CLIP preprocessing (resize to --image-size,
-scale, normalise; the real processor costs about the same). One full pass per setting and worker count:
-"text only" (image_transform None: JSON record, template, tokenisation, label verification, collation) and
-"text+images" (plus PNG decoding and the transform).
+DataCollator in a torch DataLoader, through a processor with CLIP's image processor at --image-size. One full pass
+per setting and worker count: "text only" (load_images=False: JSON record, template, tokenisation, label
+verification, collation) and "text+images" (plus PNG decoding and the image transform).
 
 The main process runs torch with --torch-threads (default 1, as DataLoader workers do): per-sample tensors are
 small, and more threads mostly add contention (on a busy 2-core machine, 6x slower with the default thread count).
@@ -35,6 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from transformers import CLIPImageProcessorPil
+
 from spatial_mllm.data.collator import DataCollator
 from spatial_mllm.data.dataset import LlavaDataset
 from spatial_mllm.demo.tokenizer import train_world_tokenizer, world_texts
@@ -42,10 +43,9 @@ from spatial_mllm.demo.world import WorldConfig, generate_scene, make_world, ren
 from spatial_mllm.demo.world.make import split_files
 from spatial_mllm.demo.world.render import png_bytes
 from spatial_mllm.demo.world.scene import derive_seed
+from spatial_mllm.model import SpatialMLLMProcessor
 
 Row = dict[str, object]
-CLIP_MEAN = torch.tensor([0.4815, 0.4578, 0.4082]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.2686, 0.2613, 0.2758]).view(3, 1, 1)
 
 
 def per_second(count: int, seconds: float) -> float:
@@ -103,15 +103,6 @@ def generation_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def clip_like_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    def transform(image: Image.Image) -> torch.Tensor:
-        resized = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255).permute(2, 0, 1)
-        return (pixels - CLIP_MEAN) / CLIP_STD
-
-    return transform
-
-
 def time_pass(dataset: LlavaDataset, batch_size: int, workers: int, pad_token_id: int) -> float:
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=DataCollator(pad_token_id))
     start = time.perf_counter()
@@ -129,9 +120,13 @@ def loading_rows(args: argparse.Namespace) -> list[Row]:
                    progress=False)  # fmt: skip
         tokenizer = train_world_tokenizer(world_texts(world), Path(tmp) / "tokenizer")
         json_path = world / split_files("train")["stage2"]
-        for setting, transform in (("text only", None), ("text+images", clip_like_transform(args.image_size))):
-            dataset = LlavaDataset(json_path, world, tokenizer, "vicuna_v1", args.num_image_tokens, transform,
-                                   max_length=args.num_image_tokens + 512)  # fmt: skip
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+        )
+        processor = SpatialMLLMProcessor(image_processor, tokenizer, args.num_image_tokens, chat_template="vicuna_v1")
+        for setting, load_images in (("text only", False), ("text+images", True)):
+            dataset = LlavaDataset(json_path, world, processor, max_length=args.num_image_tokens + 512,
+                                   load_images=load_images)
             for workers in args.workers:
                 seconds = time_pass(dataset, args.batch_size, workers, tokenizer.pad_token_id)
                 rows.append({
