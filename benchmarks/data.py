@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from transformers import CLIPImageProcessorPil
