@@ -31,7 +31,6 @@ from .protocol import (
 from .sampling import SamplingParams
 from .settings import ServerSettings
 
-DISCONNECT_POLL_S = 0.5
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
 
@@ -118,6 +117,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=stop,
+            ignore_eos=body.ignore_eos,
         )
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -171,28 +171,31 @@ def chunk(answer_id: str, model_name: str, choices: list, created: int, usage: d
     return sse.event(payload)
 
 
-async def next_event(job: GenerationRequest, events: asyncio.Queue, request: Request):
-    """The engine's next event for this job; None if the client went away (the job is then cancelled)."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                return None
+def watch_for_disconnect(request: Request, job: GenerationRequest, events: asyncio.Queue) -> asyncio.Task:
+    """A task that cancels `job` and wakes its reader (with None) when the client goes away. The body has been read,
+    so the next ASGI message is the disconnect, whenever it comes."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+        events.put_nowait(None)
+
+    return asyncio.create_task(watch())
 
 
 async def stream_events(job, events, request, answer_id, model_name, prompt_tokens, include_usage) -> AsyncIterator[bytes]:
     created = int(time.time())
     completion_tokens, open_choices = 0, set(range(job.n))
+    watcher = watch_for_disconnect(request, job, events)
     try:
         for index in range(job.n):
             yield chunk(answer_id, model_name, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}], created, None,
                         include_usage)
         while open_choices:
-            found = await next_event(job, events, request)
-            if found is None:
+            found = await events.get()
+            if found is None:  # the client went away
                 return
             if isinstance(found, Failed):
                 yield sse.event(envelope(500, found.message))
@@ -212,6 +215,7 @@ async def stream_events(job, events, request, answer_id, model_name, prompt_toke
             yield chunk(answer_id, model_name, [], created, usage, True)
         yield sse.DONE
     finally:
+        watcher.cancel()
         job.cancel()  # a client that went away mid-stream stops its generation; a no-op once it has finished
 
 
@@ -219,10 +223,11 @@ async def complete(job, events, request, answer_id, model_name, prompt_tokens) -
     texts = [[] for _ in range(job.n)]
     reasons: dict[int, str] = {}
     completion_tokens = 0
+    watcher = watch_for_disconnect(request, job, events)
     try:
         while len(reasons) < job.n:
-            found = await next_event(job, events, request)
-            if found is None:
+            found = await events.get()
+            if found is None:  # nobody is left to read an answer
                 return JSONResponse(envelope(400, "client disconnected"), status_code=400)
             if isinstance(found, Failed):
                 raise APIError(500, found.message)
@@ -232,6 +237,7 @@ async def complete(job, events, request, answer_id, model_name, prompt_tokens) -
                 reasons[found.index] = found.reason
                 completion_tokens += found.completion_tokens
     finally:
+        watcher.cancel()
         job.cancel()
     return JSONResponse({
         "id": answer_id,

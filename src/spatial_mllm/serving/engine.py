@@ -229,7 +229,7 @@ class Engine:
         request = sequence.request
         sequence.last_token = token
         sequence.generated += 1
-        if token in self.eos_ids:
+        if token in self.eos_ids and not request.params.ignore_eos:
             self._finish(sequence, "stop")
             return
         piece = sequence.text.add(token)

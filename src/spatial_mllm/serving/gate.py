@@ -1,6 +1,8 @@
-"""ASGI middleware in front of every route: the API key on /v1/* (401), then the body-size cap (413), checked from
-Content-Length before anything is read and again while the body streams in, so an oversized upload is never
-held in memory whole."""
+"""ASGI middleware in front of every route: the API key on /v1/* (401), then the body-size cap (413), decided from
+Content-Length before anything is read and again while the body streams in, so an oversized upload is never held
+in memory. The rest of a refused upload is read and dropped (up to DRAIN_LIMIT) before the 413 goes out: a server
+that answers and closes while the client is still sending makes the client's TCP stack see a reset instead of the
+answer."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import json
 import secrets
 
 from .errors import envelope
+
+DRAIN_LIMIT = 256 * 1024 * 1024  # beyond this a refused upload is cut off (the client may then see a reset)
 
 
 class RequestGate:
@@ -29,7 +33,7 @@ class RequestGate:
                                     {"www-authenticate": "Bearer"})
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
-            return await _too_large(send, self.max_request_bytes)
+            return await _too_large(receive, send, self.max_request_bytes, more=int(declared) <= DRAIN_LIMIT)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         body, more, size = [], True, 0
@@ -39,10 +43,10 @@ class RequestGate:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_request_bytes:
-                return await _too_large(send, self.max_request_bytes)
-            body.append(chunk)
             more = message.get("more_body", False)
+            if size > self.max_request_bytes:
+                return await _too_large(receive, send, self.max_request_bytes, more=more)
+            body.append(chunk)
         replayed = False
 
         async def replay():
@@ -55,7 +59,12 @@ class RequestGate:
         return await self.app(scope, replay, send)
 
 
-async def _too_large(send, limit: int) -> None:
+async def _too_large(receive, send, limit: int, more: bool) -> None:
+    drained = 0
+    while more and drained <= DRAIN_LIMIT:
+        message = await receive()
+        drained += len(message.get("body", b""))
+        more = message["type"] == "http.request" and message.get("more_body", False)
     await _reply(send, 413, f"request body is over this server's limit of {limit} bytes (--max-request-bytes)")
 
 

@@ -59,6 +59,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past end-of-sequence "
+                             "(fixed-length answers, for benchmarks)")
 
 
 # Fields of the OpenAI API this server does not implement, with the values that ask for nothing (accepted).

@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # same seed, same prompt, same model: same text
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks want fixed-length answers)
 
     @property
     def greedy(self) -> bool:
