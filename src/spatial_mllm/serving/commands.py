@@ -38,7 +38,12 @@ def _register_chat(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    import warnings
+
     from transformers import TextStreamer
+
+    # The terminal shows the conversation: library deprecation notices would land in the middle of an answer.
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     from .chat import ChatSession
     from .loading import load_chat_model
