@@ -21,7 +21,7 @@ import openai
 import pytest
 import torch
 
-from fixtures.serving import LIST_VICUNA_TEMPLATE, data_url, image_bytes, live_server, tiny_served_model, user_turn
+from fixtures.serving import data_url, image_bytes, live_server, tiny_served_model, user_turn
 from spatial_mllm.serving.app import create_app
 from spatial_mllm.serving.detokenize import IncrementalText
 from spatial_mllm.serving.images import decode_image
@@ -567,7 +567,6 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error(served):
 def test_prompt_tokens_count_each_projectors_image_tokens(projector):
     options = {"spatial_width": 8} if projector.startswith("llava_sp") else {}
     model, processor = tiny_model(projector, **options)
-    processor.chat_template = LIST_VICUNA_TEMPLATE
     settings = ServerSettings()
     with_image = prepare_prompt(processor, [ChatMessage(**user_turn("what color ?", image_bytes()))], settings, 4096)
     text_only = prepare_prompt(processor, [ChatMessage(**user_turn("what color ?"))], settings, 4096)
