@@ -80,7 +80,8 @@ def reference(model, processor, messages: list[dict], max_new_tokens: int) -> di
     prompt = processor.apply_chat_template(converted, add_generation_prompt=True)
     inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                suppress_tokens=[processor.image_token_id])
     new = output[0, inputs["input_ids"].shape[1]:].tolist()
     eos = processor.tokenizer.eos_token_id
     finish = "stop" if eos in new else "length"

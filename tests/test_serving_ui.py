@@ -47,7 +47,8 @@ def generate(model, processor, messages: list[dict], images: list, max_new_token
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                suppress_tokens=[processor.image_token_id])
     new = output[0, inputs["input_ids"].shape[1]:]
     eos = processor.tokenizer.eos_token_id
     return {"text": processor.decode(new, skip_special_tokens=True).strip(),

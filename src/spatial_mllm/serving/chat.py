@@ -67,7 +67,9 @@ class ChatSession:
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} if self.temperature > 0 \
             else {"do_sample": False}
         limit = self.max_new_tokens if self.context is None else min(self.max_new_tokens, self.context - prompt_length)
-        output = self.model.generate(**inputs, max_new_tokens=limit, streamer=streamer, **sampling)
+        # <image> stands for pixels, never text: the model must not say it (the server suppresses it too).
+        output = self.model.generate(**inputs, max_new_tokens=limit, streamer=streamer,
+                                     suppress_tokens=[self.processor.image_token_id], **sampling)
         answer = self.processor.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
         self.messages = messages + [{"role": "assistant", "content": answer}]
         self.images, self.pending = images, None

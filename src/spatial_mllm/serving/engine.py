@@ -85,6 +85,8 @@ class Engine:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        # <image> is a placeholder for pixels, never text: a model must not say it (chat suppresses it too).
+        self.suppressed = [processor.image_token_id]
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[Sequence] = []
         self._state: BatchState | None = None
@@ -209,6 +211,7 @@ class Engine:
     def _advance(self, logits: torch.Tensor, first: int = 0) -> None:
         """Sample a token for rows first.. (those `logits` belong to), emit text, retire finished rows."""
         rows = self._running[first:]
+        logits[:, self.suppressed] = float("-inf")
         tokens = next_tokens(logits, [s.request.params for s in rows], [s.generator for s in rows])
         for sequence, token in zip(rows, tokens):
             self._take(sequence, token)
