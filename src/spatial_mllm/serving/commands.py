@@ -12,6 +12,7 @@ from .settings import MIB, ServerSettings
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_chat(subparsers)
     _register_serve(subparsers)
+    _register_vllm_check(subparsers)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +150,28 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.model, settings, args.host, args.port, args.device, args.dtype, args.chat_template, on_ready=ready)
     return 0
+
+
+def _register_vllm_check(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "vllm-check",
+        help="what vLLM's Transformers backend needs from a model folder, checked without vLLM",
+        description="Loads the folder on the CPU and checks each requirement of `vllm serve DIR --trust-remote-code` "
+        "(Transformers modeling backend); exits 1 if any is unmet.",
+    )
+    parser.add_argument("--model", required=True, help="model folder")
+    parser.set_defaults(func=_vllm_check)
+
+
+def _vllm_check(args: argparse.Namespace) -> int:
+    from .vllm_contract import check_folder
+
+    requirements = check_folder(args.model)
+    for requirement in requirements:
+        print(f"{'met  ' if requirement.met else 'UNMET'} {requirement.name}: {requirement.detail}")
+    unmet = sum(not r.met for r in requirements)
+    print(f"{len(requirements) - unmet} of {len(requirements)} requirements met")
+    return 1 if unmet else 0
 
 
 __all__ = ["register"]
