@@ -80,7 +80,7 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     async def models() -> ModelList:
         return ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
     async def model_card(model_id: str) -> ModelCard:
         if model_id != settings.served_model_name:
             raise APIError(404, f"The model `{model_id}` does not exist.", "model")

@@ -107,7 +107,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     _model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", help="name clients send as `model` (default: the folder's name)")
+    parser.add_argument("--served-model-name",
+                        help="name clients send as `model` (default: the folder and its parent, e.g. saep/stage2)")
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/*")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help=f"requests waiting for a batch slot before 503 (default {defaults.max_queue})")
@@ -133,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     settings = ServerSettings(
-        served_model_name=args.served_model_name or Path(args.model).resolve().name,
+        served_model_name=args.served_model_name or "/".join(Path(args.model).resolve().parts[-2:]),
         api_key=args.api_key,
         max_queue=args.max_queue,
         max_batch_size=args.max_batch_size,
