@@ -597,3 +597,22 @@ def test_top_p_keeps_the_smallest_nucleus():
     kept = top_p_filter(logits, torch.tensor([0.75, 0.9])).isfinite()
     assert kept.tolist() == [[True, True, False, False], [False, True, True, True]]
     assert top_p_filter(logits, torch.tensor([0.1, 1.0])).isfinite().sum(-1).tolist() == [1, 4]
+
+
+def test_a_request_that_fails_in_prefill_leaves_the_running_batch_alone(served, client, monkeypatch):
+    url, model, processor, engine = served
+    long = client.chat.completions.create(model=NAME, messages=[user_turn("what is there ?")], max_tokens=300,
+                                          stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(long))
+    assert first.choices[0].delta.role == "assistant"
+    tower = model.vision_tower.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated vision tower failure")
+
+    monkeypatch.setattr(model.vision_tower, "forward", broken)
+    failing = post(url, {"messages": [user_turn("what color ?", image_bytes(RED))], "max_tokens": 3})
+    assert_envelope(failing, 500, None, "simulated vision tower failure")
+    monkeypatch.setattr(model.vision_tower, "forward", tower)
+    rest = list(long)
+    assert rest[-1].choices[0].finish_reason == "length"  # the long answer ran to its end, unharmed

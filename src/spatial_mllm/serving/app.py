@@ -45,6 +45,9 @@ def create_app(model, processor, settings: ServerSettings | None = None) -> Fast
     if processor.chat_template is None:
         raise ValueError("the processor has no chat template; give one (serve --chat-template FILE)")
     max_model_len = context_length(model, settings)
+    # One encode before two threads share the fast tokenizer: it settles the backend's padding/truncation state
+    # (a saved tokenizer.json may carry some), after which encoding and decoding only read it.
+    processor(text=["warm-up"], padding=False)
     engine = Engine(model, processor, settings.max_batch_size, settings.max_queue, max_model_len)
     created = int(time.time())
     preparing = 0  # requests being prepared count against the queue too, so a burst is refused before decoding

@@ -135,16 +135,24 @@ class Engine:
                 if self._stopping:
                     break
                 admitted = self._admit()
-            try:
-                if admitted:
+            if admitted:
+                try:
                     self._prefill(admitted)
+                except Exception as err:  # only the newcomers fail, unless the batch's cache was left half-joined
+                    log.exception("prefill failed")
+                    message = f"generation failed: {type(err).__name__}: {err}"
+                    if self._state is not None and self._state.rows != len(self._running):
+                        self._fail_all(message)
+                    else:
+                        self._fail_requests(admitted, message)
+            try:
                 self._drop_cancelled()
                 if self._running:
                     self._decode_step()
             except Exception as err:  # a bug or an out-of-memory: everyone in flight hears it, the engine goes on
                 log.exception("generation failed")
-                self._fail_all(admitted, f"generation failed: {type(err).__name__}: {err}")
-        self._fail_all([], "the server is shutting down")
+                self._fail_all(f"generation failed: {type(err).__name__}: {err}")
+        self._fail_all("the server is shutting down")
 
     def _admit(self) -> list[GenerationRequest]:
         free = self.max_batch_size - len(self._running)
@@ -258,16 +266,23 @@ class Engine:
                 sequence.done = True
         self._retire()
 
-    def _fail_all(self, admitted: list[GenerationRequest], message: str) -> None:
+    def _fail_requests(self, requests: list[GenerationRequest], message: str) -> None:
+        for request in requests:
+            request.emit(Failed(message))
+        failed = {id(r) for r in requests}
+        for sequence in self._running:
+            if id(sequence.request) in failed:
+                sequence.done = True
+        self._retire()
+
+    def _fail_all(self, message: str) -> None:
         with self._wake:
             waiting = list(self._waiting) if self._stopping else []
             if self._stopping:
                 self._waiting.clear()
-        told = set()
-        for request in [s.request for s in self._running] + admitted + waiting:
-            if id(request) not in told:
-                told.add(id(request))
-                request.emit(Failed(message))
+        requests = list({id(s.request): s.request for s in self._running}.values()) + waiting
+        for request in requests:
+            request.emit(Failed(message))
         self._running, self._state = [], None
 
 
