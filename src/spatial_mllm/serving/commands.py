@@ -4,7 +4,6 @@ server with its web page)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .settings import MIB, ServerSettings
 

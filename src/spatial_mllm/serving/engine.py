@@ -155,14 +155,15 @@ class Engine:
         self._fail_all("the server is shutting down")
 
     def _admit(self) -> list[GenerationRequest]:
-        free = self.max_batch_size - len(self._running)
+        """Requests to prefill now, first come first served, as many as the batch has room for (called locked)."""
+        if any(r.cancelled.is_set() for r in self._waiting):  # clients that left while queued free their slots
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled.is_set())
         if self._running and self._state is not None and not mergeable(self._state.cache):
             return []  # this model's cache cannot take rows mid-flight: new requests wait for an empty batch
+        free = self.max_batch_size - len(self._running)
         admitted = []
         while self._waiting and self._waiting[0].n <= free:
             request = self._waiting.popleft()
-            if request.cancelled.is_set():
-                continue
             admitted.append(request)
             free -= request.n
         return admitted
