@@ -54,7 +54,7 @@ def build_small_model(folder: Path) -> Path:
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from spatial_mllm.data.tokenizer import train_world_tokenizer
+    from spatial_mllm.demo.tokenizer import train_world_tokenizer
     from spatial_mllm.model import build_model
 
     words = "red green blue yellow circle square triangle left right above below top bottom center small large".split()

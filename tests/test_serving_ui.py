@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from fixtures.serving import free_port, save_served_model
-from spatial_mllm.evaluation.loading import load_for_inference
+from spatial_mllm.model.loading import load_for_inference
 from spatial_mllm.serving.chat import ChatSession
 
 CHROMIUM = "/usr/bin/chromium"

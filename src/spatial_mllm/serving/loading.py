@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.loading import load_for_inference
+from ..model.loading import load_for_inference
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

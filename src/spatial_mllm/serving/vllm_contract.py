@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AttentionInterface, AutoModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..evaluation.loading import load_for_inference
+from ..model.loading import load_for_inference
 
 PROBE = "spatial_mllm_probe"  # an attention function registered under this name stands in for vLLM's
 
