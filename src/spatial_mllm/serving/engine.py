@@ -85,8 +85,8 @@ class Engine:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        # <image> is a placeholder for pixels, never text: a model must not say it (chat suppresses it too).
-        self.suppressed = [processor.image_token_id]
+        # What the model's generation config suppresses, and always <image>: a placeholder for pixels, never text.
+        self.suppressed = sorted({*(model.generation_config.suppress_tokens or []), processor.image_token_id})
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[Sequence] = []
         self._state: BatchState | None = None
