@@ -1,7 +1,19 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11+) with the CPU build of torch and this package, once; later calls return at once.
+# The web-page test drives Debian's Chromium (/usr/bin/chromium): when it is missing and this runs as root, it is
+# installed with apt-get (otherwise: `sudo apt-get install -y chromium`). Playwright never downloads a browser here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the web-page test" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+      || echo "setup: apt-get could not install chromium; the web-page test will fail until it is installed" >&2
+  else
+    echo "setup: chromium is missing; the web-page test needs it: sudo apt-get install -y chromium" >&2
+  fi
+fi
 PY=${PYTHON:-python3}
 stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f .venv/.setup-stamp ] && [ "$(cat .venv/.setup-stamp)" = "$stamp_key" ]; then exit 0; fi

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "spatial_mllm.data.commands",
     "spatial_mllm.training.commands",
     "spatial_mllm.evaluation.commands",
+    "spatial_mllm.serving.commands",
     "spatial_mllm.demo.commands",
 )
 

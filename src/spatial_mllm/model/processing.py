@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import MultiModalData
 
 from .chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE, resolve_chat_template, template_name
 from .configuration import IMAGE_TOKEN, RUN_INFO_FILE
@@ -139,8 +140,12 @@ class SpatialMLLMProcessor(ProcessorMixin):
         padding_side: str | None = None,
         add_special_tokens: bool = True,
         return_tensors: str | None = "pt",
+        return_text_replacement_offsets: bool = False,
+        return_mm_token_type_ids: bool = False,
         **unused: Any,
     ) -> BatchFeature:
+        """return_text_replacement_offsets / return_mm_token_type_ids: where each `<image>` was expanded and which
+        ids are image tokens, as vLLM's Transformers backend asks (see `serving/vllm_contract.py`)."""
         if text is None:
             raise ValueError("text is required; put one <image> in it for each image")
         texts = [text] if isinstance(text, str) else list(text)
@@ -157,7 +162,23 @@ class SpatialMLLMProcessor(ProcessorMixin):
         data = dict(encoded)
         if images:
             data["pixel_values"] = self.image_transform(images)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if return_text_replacement_offsets:
+            replacements = [self.replace_image_token({}, index) for index in range(len(images))]
+            data["text_replacement_offsets"] = self.get_text_with_replacements(list(texts), replacements)[1]
+        if return_mm_token_type_ids:
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids([row["input_ids"] for row in rows])
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    # --- what vLLM's Transformers backend asks of a processor ---------------------------------------------------
+    def _get_num_multimodal_tokens(self, image_sizes: Sequence[Sequence[int]] | None = None, **kwargs) -> MultiModalData:
+        """Tokens per image: the projector's count whatever the image's size (every image is brought to the ViT's
+        input size first), from one row of pixel_values each."""
+        count = len(image_sizes or [])
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * count, num_image_patches=[1] * count)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """What each `<image>` in a prompt becomes."""
+        return self.image_token * self.num_image_tokens
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
