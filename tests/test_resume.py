@@ -127,12 +127,12 @@ def test_random_kills_and_a_damaged_checkpoint_still_end_byte_identical(stage1_d
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     duration = time.monotonic() - started  # kill times are drawn within a whole run's length on this machine
-    out, kills = tmp_path / "killed", 0
+    out, kills, damaged = tmp_path / "killed", 0, False
     while True:
         process = subprocess.Popen(worker_command(stage1_dir, out, "auto", 0.04, every=1), env=worker_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            process.wait(timeout=rng.uniform(0.4, 0.95) * duration if kills < 4 else None)
+            process.wait(timeout=rng.uniform(0.3, 0.9) * duration if kills < 4 else None)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -142,9 +142,11 @@ def test_random_kills_and_a_damaged_checkpoint_still_end_byte_identical(stage1_d
         if process.returncode == 0:
             break
         assert process.returncode == -signal.SIGKILL, error[-3000:]
-        if kills == 2 and latest_checkpoint(out) is not None:
+        if kills >= 2 and not damaged and latest_checkpoint(out) is not None:
             (latest_checkpoint(out) / "trainable.safetensors").write_bytes(b"\0" * 256)
-    assert kills == 4
+            damaged = True
+    # A resumed run has less left to do, so it may finish before its kill time: at least two kills, then damage.
+    assert kills >= 2 and damaged
     resumed, uninterrupted = final_weights(out), final_weights(full)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
