@@ -59,6 +59,26 @@ def test_processes_share_out_the_same_micro_batches():
     assert one[2:4] != one[:2]  # the next epoch is reshuffled
 
 
+def test_length_grouped_batches_pad_less_and_keep_every_rule():
+    lengths = [int(x) for x in torch.randint(10, 400, (640,), generator=torch.Generator().manual_seed(0))]
+
+    def epoch(grouped: bool, start_step: int = 0) -> list[list[int]]:
+        sampler = MicroBatchSampler(640, 32, 8, 1, 0, seed=5, start_step_in_epoch=start_step,
+                                    lengths=lengths if grouped else None)
+        batches = iter(sampler)
+        return [next(batches) for _ in range((sampler.steps_per_epoch - start_step) * 4)]
+
+    def padded_tokens(micro_batches: list[list[int]]) -> int:
+        return sum(len(m) * max(lengths[i] for i in m) for m in micro_batches)
+
+    grouped, random_order = epoch(True), epoch(False)
+    assert sorted(sum(grouped, [])) == list(range(640))  # every sample once per epoch
+    assert padded_tokens(grouped) < 0.75 * padded_tokens(random_order)
+    assert epoch(True) == grouped and epoch(True, start_step=3) == grouped[12:]  # deterministic, resumable
+    steps = [max(lengths[i] for i in sum(grouped[k : k + 4], [])) for k in range(0, len(grouped), 4)]
+    assert steps != sorted(steps, reverse=True)  # long and short steps alternate
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     base = save_base(tmp_path / "base")

@@ -298,6 +298,12 @@ class LlavaDataset(Dataset):
         self._offsets = array("q", [0])
         for blob in blobs:
             self._offsets.append(self._offsets[-1] + len(blob))
+        # Approximate token counts (words, plus the image tokens), for length-grouped batches: cheap, no tokenising.
+        num_image_tokens = processor.num_image_tokens
+        self.lengths = [
+            sum(len(m["content"].split()) for m in record.messages) + len(record.images) * num_image_tokens
+            for record in records
+        ]
         self._failed: set[int] = set()
         if self.problems:
             logger.warning(self.report(limit=20))

@@ -1,10 +1,15 @@
 """How samples become this process's micro-batches: a deterministic order that can restart mid-epoch, and the
 pass-through of cached vision features.
 
-Each optimiser step consumes one global batch: `global_batch_size` consecutive indices of the epoch's permutation
+Each optimiser step consumes one global batch: `global_batch_size` consecutive indices of the epoch's order
 (fixed by seed + epoch). It is cut into micro-batches; process r takes micro-batches r, r + W, r + 2W, ...
 So one process with gradient accumulation and W processes see exactly the same micro-batches, and a resumed run
 starts at any step without reading the skipped data. An incomplete last global batch is dropped.
+
+With sample lengths given (LLaVA's `group_by_modality_length`, HF's length-grouped sampler), the epoch's
+permutation is cut into mega-batches of MEGA_BATCHES global batches, each sorted by length, cut into global
+batches whose order is then shuffled: batches of similar lengths pad less, and steps still alternate long and
+short ones.
 """
 
 from __future__ import annotations
@@ -15,8 +20,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 
+MEGA_BATCHES = 16  # global batches per length-sorted mega-batch
+
+
 class MicroBatchSampler:
-    """Yields this process's micro-batches (lists of dataset indices), step after step, epoch after epoch."""
+    """Yields this process's micro-batches (lists of dataset indices), step after step, epoch after epoch.
+
+    lengths: each sample's (approximate) length in tokens, to group samples of similar length; None: random order.
+    """
 
     def __init__(
         self,
@@ -28,6 +39,7 @@ class MicroBatchSampler:
         seed: int,
         start_epoch: int = 0,
         start_step_in_epoch: int = 0,
+        lengths: Sequence[int] | None = None,
     ):
         if num_samples < global_batch_size:
             raise ValueError(
@@ -46,6 +58,9 @@ class MicroBatchSampler:
         self.seed = seed
         self.start_epoch = start_epoch
         self.start_step_in_epoch = start_step_in_epoch
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"{len(lengths)} sample lengths for {num_samples} samples")
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long) if lengths is not None else None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -53,7 +68,17 @@ class MicroBatchSampler:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=generator)
+        order = torch.randperm(self.num_samples, generator=generator)
+        if self.lengths is None:
+            return order
+        batch = self.global_batch_size
+        usable = order[: self.steps_per_epoch * batch]
+        grouped = []
+        for mega in usable.split(batch * MEGA_BATCHES):
+            ranked = mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
+            grouped += list(ranked.split(batch))
+        shuffled = torch.randperm(len(grouped), generator=generator)
+        return torch.cat([grouped[i] for i in shuffled.tolist()] + [order[len(usable):]])
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, step = self.start_epoch, self.start_step_in_epoch

@@ -62,6 +62,7 @@ class DataSection:
     overlong: str = "truncate"  # "truncate" or "drop" samples longer than max_length
     strict: bool = False  # stop at the first bad record instead of skipping it
     num_workers: int = 0
+    group_by_length: bool = False  # batches of samples of similar length (less padding), as LLaVA's recipe does
 
 
 @dataclass

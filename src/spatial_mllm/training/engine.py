@@ -295,9 +295,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
     model, processor, lora_config = prepare_model(config)
     if dataset is None:
         dataset = build_dataset(config, processor)
+    lengths = None
+    if config.data.group_by_length:
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise ValueError("data.group_by_length needs a dataset that knows its samples' lengths (LlavaDataset does)")
     sampler_args = dict(
         num_samples=len(dataset), global_batch_size=opt.global_batch_size, micro_batch_size=opt.micro_batch_size,
-        world_size=accelerator.num_processes, rank=accelerator.process_index, seed=opt.seed,
+        world_size=accelerator.num_processes, rank=accelerator.process_index, seed=opt.seed, lengths=lengths,
     )
     steps_per_epoch = MicroBatchSampler(**sampler_args).steps_per_epoch
     total_steps = opt.max_steps or opt.epochs * steps_per_epoch

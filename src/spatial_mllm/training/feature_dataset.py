@@ -26,6 +26,10 @@ class CachedFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def lengths(self) -> list[int]:
+        return self.base.lengths
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = dict(self.base[i])
         if item["images"]:
