@@ -25,6 +25,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModel, LlamaConfig, Llama
 from fixtures.llava_releases import SFE_SIZES, VICUNA_SYSTEM, Releases, make_releases
 from spatial_mllm import cli
 from spatial_mllm.model import SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor
+from spatial_mllm.model.loading import load_model_folder
 
 KINDS = ("llava_sp_pooling", "llava_sp_cropping", "llava_lora", "llava_full")
 PROJECTOR_OF = {"llava_sp_pooling": "llava_sp_pooling", "llava_sp_cropping": "llava_sp_cropping",
@@ -344,14 +345,31 @@ def test_a_lora_release_needs_its_base(releases, tmp_path, capsys):
     assert_refused(capsys, code, out, "--keep-lora", "full release")
 
 
-def test_an_existing_out_is_never_overwritten(releases, tmp_path, capsys):
+def test_an_existing_out_is_replaced_only_when_asked(releases, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     code = cli.main(import_args(releases, "llava_full", out))
     err = capsys.readouterr().err
-    assert code == 2 and "already exists" in err and str(out) in err
+    assert code == 2 and "already exists" in err and "--overwrite" in err and str(out) in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert cli.main(import_args(releases, "llava_full", out, "--overwrite")) == 0
+    assert not (out / "notes.txt").exists() and load_model_folder(out)[0].config.projector_type == "mlp2x_gelu"
+    # an output that is an input is refused, --overwrite or not
+    code = cli.main(import_args(releases, "llava_full", releases.llava_full, "--overwrite"))
+    assert code == 2 and "is also the input --model-path" in capsys.readouterr().err
+    assert (releases.llava_full / "pytorch_model.bin.index.json").is_file()
+
+
+def test_an_unreachable_hub_vision_tower_is_named_at_once(releases, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as on a machine without network
+    out = tmp_path / "out"
+    code = cli.main(["import-llava", "--model-path", str(releases.llava_lora), "--model-base", str(releases.base),
+                     "--out", str(out)])  # fmt: skip
+    assert_refused(capsys, code, out, "mm_vision_tower", "openai/clip-vit-large-patch14-336", "cannot be reached",
+                   "--vision-tower")
 
 
 def test_a_missing_sentencepiece_is_named(releases, tmp_path, capsys, monkeypatch):
@@ -453,8 +471,10 @@ def test_keep_lora_and_the_lora_layout_round_trip(releases, imported, references
     assert cli.main(import_args(releases, "llava_sp_cropping", kept, "--dtype", "float32", "--keep-lora")) == 0
     assert "LoRA adapter kept beside it" in capsys.readouterr().out
     assert (kept / "adapter_config.json").is_file() and (kept / "adapter_model.safetensors").is_file()
-    # loaded like a LoRA training run's folder: the adapter attaches itself, and the model is the merged one
-    model = SpatialMLLMForConditionalGeneration.from_pretrained(kept).eval()
+    # loaded like a LoRA training run's folder: the adapter is listed as the folder's own and attached, and the
+    # model is the merged one
+    model = load_model_folder(kept)[0].eval()
+    assert any("lora_A" in name for name, _ in model.named_parameters())
     merged = SpatialMLLMForConditionalGeneration.from_pretrained(imported["llava_sp_cropping"]).eval()
     reference = references["llava_sp_cropping"]
     ids = expand(reference.input_ids(vicuna_prompt(QUESTION)), model.config.image_token_id, model.num_image_tokens)
