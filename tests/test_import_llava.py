@@ -283,6 +283,41 @@ def test_lmms_eval_model_gives_the_reference_greedy_answer(imported, references)
     assert want and lm.generate_until([request]) == [want]
 
 
+def test_chat_answers_with_the_reference_greedy_answer(imported, references, tmp_path):
+    from spatial_mllm.model.loading import load_for_inference
+    from spatial_mllm.serving.chat import ChatSession
+
+    session = ChatSession(*load_for_inference(imported["llava_lora"]), max_new_tokens=MAX_NEW_TOKENS)
+    wide_image().save(tmp_path / "wide.png")
+    session.attach(tmp_path / "wide.png")
+    want = references["llava_lora"].greedy_answer(vicuna_prompt(QUESTION), wide_image())
+    assert want and session.reply(QUESTION) == want
+
+
+def test_serve_answers_with_the_reference_greedy_answer(imported, references):
+    import io
+
+    import openai
+    from fixtures.serving import data_url, live_server
+
+    from spatial_mllm.model.loading import load_for_inference
+    from spatial_mllm.serving.app import create_app
+    from spatial_mllm.serving.settings import ServerSettings
+
+    model, processor = load_for_inference(imported["llava_sp_pooling"])
+    png = io.BytesIO()
+    wide_image().save(png, format="PNG")
+    with live_server(create_app(model, processor, ServerSettings(served_model_name="llava-sp-pooling"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="llava-sp-pooling", max_tokens=MAX_NEW_TOKENS, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png.getvalue())}},
+                                                   {"type": "text", "text": QUESTION}]}],
+        )  # fmt: skip
+    want = references["llava_sp_pooling"].greedy_answer(vicuna_prompt(QUESTION), wide_image())
+    assert want and reply.choices[0].message.content.strip() == want
+
+
 def assert_refused(capsys, code: int, out: Path, *words: str) -> str:
     err = capsys.readouterr().err
     assert code == 2, err
