@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "spatial_mllm.training.commands",
     "spatial_mllm.evaluation.commands",
     "spatial_mllm.serving.commands",
+    "spatial_mllm.weights.commands",
     "spatial_mllm.demo.commands",
 )
 

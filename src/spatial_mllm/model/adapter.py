@@ -14,6 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+import torch
 from torch import nn
 
 ADAPTER_NAME = "default"
@@ -39,14 +40,17 @@ def attach_adapter(model: nn.Module, model_dir: Path) -> None:
         raise ValueError(
             f"{model_dir / ADAPTER_WEIGHTS}: not a readable safetensors file ({err}); was it copied completely?"
         ) from None
+    attach_adapter_weights(model, config, weights, str(model_dir / ADAPTER_WEIGHTS))
+
+
+def attach_adapter_weights(model: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Injects LoRA layers where `config` says and loads `weights` (peft's on-disk names without the PeftModel
+    prefix), refusing any tensor left over and any LoRA layer left without weights; `source` names them in errors."""
     inject_adapter_in_model(config, model, ADAPTER_NAME)
     result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if result.unexpected_keys or missing:
-        raise ValueError(
-            f"{model_dir / ADAPTER_WEIGHTS} does not fit the model: unexpected {result.unexpected_keys[:5]}, "
-            f"missing {missing[:5]}"
-        )
+        raise ValueError(f"{source} does not fit the model: unexpected {result.unexpected_keys[:5]}, missing {missing[:5]}")
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -70,6 +74,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "PEFT_PREFIX",
     "attach_adapter",
+    "attach_adapter_weights",
     "has_lora",
     "merge_lora",
 ]

@@ -113,7 +113,9 @@ def check_fits(model: SpatialMLLMForConditionalGeneration, processor: SpatialMLL
             f"config.json says image_token_id {model.config.image_token_id}; the tokenizer is not the model's"
         )
     rows = model.get_input_embeddings().num_embeddings
-    if len(processor.tokenizer) > rows:
+    # The image token may lie past the embeddings (imported LLaVA releases keep their vocabulary): it is never embedded.
+    outside = processor.image_token_id >= rows
+    if len(processor.tokenizer) - outside > rows:
         raise ValueError(
             f"{folder}: the tokenizer has {len(processor.tokenizer)} tokens but the model's embeddings only {rows}; "
             "the tokenizer is not the model's"

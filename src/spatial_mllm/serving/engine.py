@@ -86,7 +86,12 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         # What the model's generation config suppresses, and always <image>: a placeholder for pixels, never text.
-        self.suppressed = sorted({*(model.generation_config.suppress_tokens or []), processor.image_token_id})
+        # Ids past the output head (an imported release's <image>) cannot be emitted and have no logit to mask.
+        vocabulary = model.get_output_embeddings().weight.shape[0]
+        self.suppressed = sorted(
+            token for token in {*(model.generation_config.suppress_tokens or []), processor.image_token_id}
+            if token < vocabulary
+        )
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[Sequence] = []
         self._state: BatchState | None = None

@@ -35,6 +35,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def is_official_projector_key(key: str) -> bool:
+    """Whether an official key (without the peft prefix) names a projector tensor."""
+    return bool(_PROJECTOR_KEY.match(key))
+
+
 def official_projector_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strips the peft prefix and keeps only projector keys."""
     stripped = {k[len(OFFICIAL_PREFIX):] if k.startswith(OFFICIAL_PREFIX) else k: v for k, v in state.items()}
@@ -58,10 +63,12 @@ def describe_official_variant(keys: set[str]) -> str:
     return sfe
 
 
-def load_official_projector(projector: Projector, source: str | Path | dict[str, torch.Tensor], name: str = "") -> None:
-    """Loads official weights into `projector`, refusing any checkpoint that is not exactly its variant and shape."""
-    label = name or (str(source) if not isinstance(source, dict) else "state dict")
-    state = official_projector_keys(read_state_dict(source) if not isinstance(source, dict) else source)
+def official_projector_state(
+    projector: Projector, state: dict[str, torch.Tensor], label: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """Official projector tensors (peft prefix optional; other keys ignored) renamed to `projector`'s own names,
+    refusing any checkpoint that is not exactly its variant and shape."""
+    state = official_projector_keys(state)
     key_map = projector.official_key_map()
     ours = getattr(projector, "projector_type", type(projector).__name__)
     missing = sorted(set(key_map) - set(state))
@@ -83,7 +90,14 @@ def load_official_projector(projector: Projector, source: str | Path | dict[str,
                 "(another grid, vision width or LLM width)"
             )
         converted[our_key] = tensor.to(own[our_key].dtype)
-    projector.load_state_dict(converted, strict=True)
+    return converted
+
+
+def load_official_projector(projector: Projector, source: str | Path | dict[str, torch.Tensor], name: str = "") -> None:
+    """Loads official weights into `projector`, refusing any checkpoint that is not exactly its variant and shape."""
+    label = name or (str(source) if not isinstance(source, dict) else "state dict")
+    state = read_state_dict(source) if not isinstance(source, dict) else source
+    projector.load_state_dict(official_projector_state(projector, state, label), strict=True)
 
 
 def export_official_projector(projector: Projector, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -92,4 +106,12 @@ def export_official_projector(projector: Projector, prefix: str = "") -> dict[st
     return {prefix + official: own[ours].detach().clone() for official, ours in projector.official_key_map().items()}
 
 
-__all__ = ["describe_official_variant", "export_official_projector", "load_official_projector", "read_state_dict"]
+__all__ = [
+    "OFFICIAL_PREFIX",
+    "describe_official_variant",
+    "export_official_projector",
+    "is_official_projector_key",
+    "load_official_projector",
+    "official_projector_state",
+    "read_state_dict",
+]
