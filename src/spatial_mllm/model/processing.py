@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import MultiModalData
