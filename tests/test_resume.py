@@ -117,36 +117,44 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(stage1_dir, tmp_path):
 
 @pytest.mark.slow
 def test_random_kills_and_a_damaged_checkpoint_still_end_byte_identical(stage1_dir, tmp_path):
-    """SIGKILL at random moments of a run that checkpoints (and prunes) every step, so kills land while saving and
-    pruning too; after the second kill the newest checkpoint is also zeroed. Each restart resumes with resume=auto;
-    the final weights must equal an uninterrupted run's exactly."""
+    """SIGKILL at random moments of a run that checkpoints (and prunes) every step, timed to land while a checkpoint
+    is saved, published or pruned; after the second kill the newest checkpoint is also zeroed. Each restart resumes
+    with resume=auto; the final weights must equal an uninterrupted run's exactly."""
     rng = random.Random(11)
-    full = tmp_path / "full"
-    started = time.monotonic()
-    result = subprocess.run(worker_command(stage1_dir, full, "null", 0.04, every=1), env=worker_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    duration = time.monotonic() - started  # kill times are drawn within a whole run's length on this machine
-    out, kills, damaged = tmp_path / "killed", 0, False
-    while True:
+    out, damaged = tmp_path / "killed", False
+    steps_done = 0
+    for kill in range(4):
         process = subprocess.Popen(worker_command(stage1_dir, out, "auto", 0.04, every=1), env=worker_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            process.wait(timeout=rng.uniform(0.3, 0.9) * duration if kills < 4 else None)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-        error = process.stderr.read().decode()
+        # Kill moments: as the checkpoint of a random later step starts to be written (its hidden staging folder
+        # appears), plus a random few milliseconds: in the middle of saving, publishing or pruning.
+        target = rng.randint(steps_done + 1, WORKER_STEPS - 1)
+        names = (f".tmp-step-{target:08d}", f"step-{target:08d}")
+        deadline = time.monotonic() + 120
+        while not any((out / "checkpoints" / name).exists() for name in names):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"no checkpoint of step {target} within 120 s"
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.04))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
         process.stderr.close()
-        if process.returncode == 0:
-            break
-        assert process.returncode == -signal.SIGKILL, error[-3000:]
-        if kills >= 2 and not damaged and latest_checkpoint(out) is not None:
-            (latest_checkpoint(out) / "trainable.safetensors").write_bytes(b"\0" * 256)
+        latest = latest_checkpoint(out)
+        steps_done = int(latest.name.split("-")[1]) if latest is not None else 0
+        if kill == 1 and latest is not None:
+            (latest / "trainable.safetensors").write_bytes(b"\0" * 256)  # the newest checkpoint is damaged too
             damaged = True
-    # A resumed run has less left to do, so it may finish before its kill time: at least two kills, then damage.
-    assert kills >= 2 and damaged
+            steps_done = max(0, steps_done - 1)
+        if steps_done >= WORKER_STEPS - 1:
+            break
+    assert damaged
+    finish = subprocess.run(worker_command(stage1_dir, out, "auto", 0.0, every=1), env=worker_env(),
+                            capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    full = tmp_path / "full"
+    result = subprocess.run(worker_command(stage1_dir, full, "null", 0.0, every=1), env=worker_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     resumed, uninterrupted = final_weights(out), final_weights(full)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
