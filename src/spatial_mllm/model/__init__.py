@@ -9,6 +9,7 @@ from .conversation import IGNORE_INDEX, LabelMismatchError, Segment, TemplateErr
 from .image_transform import ImageTransform, pad_to_square
 from .processing import SpatialMLLMProcessor
 from .builder import add_image_token, build_model, image_processor_for
+from .generation import fast_generation_kwargs
 
 AutoConfig.register(SpatialMLLMConfig.model_type, SpatialMLLMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(SpatialMLLMConfig, SpatialMLLMForConditionalGeneration, exist_ok=True)
@@ -31,6 +32,7 @@ __all__ = [
     "VICUNA_V1",
     "add_image_token",
     "build_model",
+    "fast_generation_kwargs",
     "image_processor_for",
     "pad_to_square",
     "template_names",

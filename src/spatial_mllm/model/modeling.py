@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..projectors import Projector, build_projector
 from ..vision import VisionTower
@@ -18,10 +20,13 @@ class SpatialMLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # Decode steps (images already in the KV cache) have no data-dependent branch, so generate() may compile them
+    # with a static cache (see spatial_mllm.model.generation).
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         # Sub-models initialise themselves (the LM and ViT in their own post_init, projectors in reset_parameters).
@@ -106,6 +111,7 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
         features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers 5.x renamed it, as here
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -114,7 +120,7 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
         vision_features: list[torch.Tensor] | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -127,20 +133,23 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
             outside = image_mask & (input_ids >= embeddings.num_embeddings)
             inputs_embeds = embeddings(input_ids.masked_fill(outside, 0))
             has_images = pixel_values is not None or vision_features is not None
-            cached = past_key_values if past_key_values is not None else kwargs.get("cache")
-            prefilled = cached is not None and cached.get_seq_length() > 0
             if has_images:
                 image_features = self.get_image_features(pixel_values, vision_features)
                 inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
-            elif bool(image_mask.any()) and not prefilled:
-                # After prefill an image token is text the model produced (read as text); before it, images are missing.
+            # A prompt must bring its images; after prefill an image token is text the model produced (read as text).
+            # Shapes first: a decode step (one token, a cache) then has no data-dependent branch and compiles whole.
+            elif (
+                (cache is None or input_ids.shape[1] > 1)
+                and bool(image_mask.any())
+                and (cache is None or cache.get_seq_length() == 0)
+            ):
                 raise ValueError("input_ids contain image tokens but no pixel_values or vision_features were given")
             if labels is not None:
                 labels = labels.masked_fill(image_mask, -100)
         return self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,

@@ -252,17 +252,23 @@ def describe_trainable(model: torch.nn.Module) -> str:
 
 
 def prepare_model(config: TrainConfig):
-    """The model with LoRA injected (instruct + lora.enabled), the stage's parameters trainable (in float32) and
-    gradient checkpointing as configured; returns (model, processor, LoraConfig or None)."""
+    """The model loaded and readied for its stage (see configure_for_stage); returns (model, processor, LoraConfig
+    or None)."""
     model, processor = load_model(config)
     if config.data.template is not None:
         processor.use_template(config.data.template)  # saved with the model: it is how the model will be prompted
+    return model, processor, configure_for_stage(model, config)
+
+
+def configure_for_stage(model: SpatialMLLMForConditionalGeneration, config: TrainConfig):
+    """In place: LoRA injected (instruct + lora.enabled), the stage's parameters trainable (in float32) and
+    gradient checkpointing as configured. Returns the LoraConfig, or None without LoRA."""
     lora_config = inject_lora(model, config.lora) if config.stage.name == "instruct" and config.lora.enabled else None
     configure_trainable(model, config)
     upcast_trainable(model)
     if config.optimisation.gradient_checkpointing:
         model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor, lora_config
+    return lora_config
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
@@ -480,4 +486,4 @@ def export_model(
                                             "files": sorted(files + [RUN_INFO_FILE])})
 
 
-__all__ = ["NonFiniteLossError", "load_model", "train"]
+__all__ = ["NonFiniteLossError", "configure_for_stage", "load_model", "prepare_model", "train"]
