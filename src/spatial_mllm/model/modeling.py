@@ -54,6 +54,9 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
             config.projector_type, self.vision_tower.geometry, config.text_config.hidden_size, **config.projector_options
         )
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        # One text config object, the LM's own: what transformers reads from ours (e.g. the attention implementation
+        # when generate() builds the padding mask for a static cache) is then what the LM really uses.
+        self.config.text_config = self.language_model.config
         self.post_init()
         if config.image_token_id is not None:
             # The image token is a placeholder for pixels, never an answer: generation does not emit it.
