@@ -15,9 +15,8 @@ chosen dtype (bf16 by default) on the chosen device. In one run, per projector:
   by the training engine's own pieces (the shipped recipe configs, `configure_for_stage`, `make_optimizer`,
   `accumulate_gradients`), gradient checkpointing and bf16 autocast: samples/s and, on CUDA, peak memory.
 
-Times are the best of `reps` interleaved repetitions after a warm-up: on a shared machine the least disturbed one
-(medians and every raw time are in the JSON too); the first call of each variant (compilation included, for the
-fast path) is reported apart. Prints the tables and writes JSON after each
+Times are medians of `reps` interleaved repetitions after a warm-up, with the interquartile spread (every raw time
+is in the JSON); the first call of each variant (compilation included, for the fast path) is reported apart. Prints the tables and writes JSON after each
 projector, so an interrupted run keeps what it measured.
 
     python benchmarks/paper_scale.py [--small | --size medium] [--device cuda] [--dtype bfloat16]
@@ -113,7 +112,7 @@ SIZES = {
         vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                     image_size=96, patch_size=12),
         llm=_llama(192, 3, 4, 512, 2112, kv_heads=2),
-        image_token_id=2048, text_before=36, text_after=20, new_tokens=16, train_text_tokens=32, train_batch=4,
+        image_token_id=2048, text_before=36, text_after=20, new_tokens=32, train_text_tokens=32, train_batch=4,
         reps=5, projector_options=_llava_sp_half_width(64),
     ),
 }
@@ -190,7 +189,7 @@ def projector_ms_per_image(model, size: Size, device: torch.device, dtype: torch
             features = model.encode_vision(pixels)
             model.projector(features)  # warm-up
             times = [timed(device, lambda: model.projector(features))[0] for _ in range(size.reps)]
-        result[str(batch)] = 1000 * min(times) / batch
+        result[str(batch)] = 1000 * statistics.median(times) / batch
     return result
 
 
@@ -224,7 +223,7 @@ def measure_generation(variants: list[Variant], size: Size, image_tokens: int, b
     runs, tokens = {}, {}
     for variant in variants:
         first_s, tokens[variant.name] = timed(device, lambda: generate(variant, inputs, n, size.image_token_id))
-        runs[variant.name] = {"first_call_s": first_s, "prefill_s": [], "generate_s": []}
+        runs[variant.name] = {"first_call_s": first_s, "prefill_times_s": [], "generate_times_s": []}
     reference = variants[0].name
     for variant in variants[1:]:
         same = tokens[variant.name] == tokens[reference]
@@ -232,14 +231,14 @@ def measure_generation(variants: list[Variant], size: Size, image_tokens: int, b
         runs[variant.name]["token_agreement"] = float(same.float().mean())
     for _ in range(size.reps):
         for variant in variants:
-            runs[variant.name]["prefill_s"].append(timed(device, lambda: generate(variant, inputs, 1, size.image_token_id))[0])
-            runs[variant.name]["generate_s"].append(timed(device, lambda: generate(variant, inputs, n, size.image_token_id))[0])
+            runs[variant.name]["prefill_times_s"].append(timed(device, lambda: generate(variant, inputs, 1, size.image_token_id))[0])
+            runs[variant.name]["generate_times_s"].append(timed(device, lambda: generate(variant, inputs, n, size.image_token_id))[0])
     for run in runs.values():
-        run.update(rates(run["prefill_s"], run["generate_s"], batch, n))
+        run.update(rates(run["prefill_times_s"], run["generate_times_s"], batch, n))
     base = runs[reference]
     speedups = {
         name: {
-            "prefill": base["prefill_best_s"] / run["prefill_best_s"],
+            "prefill": base["prefill_s"] / run["prefill_s"],
             "decode": _ratio(run["decode_tokens_per_s"], base["decode_tokens_per_s"]),
         }
         for name, run in runs.items() if name != reference
@@ -248,16 +247,25 @@ def measure_generation(variants: list[Variant], size: Size, image_tokens: int, b
 
 
 def rates(prefill_s: list[float], generate_s: list[float], batch: int, new_tokens: int) -> dict:
-    """Prefill time and decode/end-to-end tokens/s (summed over the batch) from the best repetition of each call
-    (the least disturbed by other work on a shared machine), and from the medians."""
-    out = {}
-    for stat, pick in (("best", min), ("median", statistics.median)):
-        prefill, total = pick(prefill_s), pick(generate_s)
-        out[f"prefill_{stat}_s"] = prefill
-        decode = batch * (new_tokens - 1) / (total - prefill) if total > prefill else None
-        out["decode_tokens_per_s" if stat == "best" else "decode_tokens_per_s_median"] = decode
-        out["end_to_end_tokens_per_s" if stat == "best" else "end_to_end_tokens_per_s_median"] = batch * new_tokens / total
-    return out
+    """Medians over the repetitions: prefill time, and decode tokens/s (summed over the batch) from each
+    repetition's (N-token call - 1-token call), two adjacent calls; their spread is the interquartile range
+    relative to the median (0 with fewer than 4 repetitions)."""
+    decode_s = [total - prefill for prefill, total in zip(prefill_s, generate_s)]
+    median_decode = statistics.median(decode_s)
+    return {
+        "prefill_s": statistics.median(prefill_s),
+        "prefill_spread": _spread(prefill_s),
+        "decode_tokens_per_s": batch * (new_tokens - 1) / median_decode if median_decode > 0 else None,
+        "decode_spread": _spread(decode_s),
+        "end_to_end_tokens_per_s": batch * new_tokens / statistics.median(generate_s),
+    }
+
+
+def _spread(values: list[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / statistics.median(values)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -351,8 +359,7 @@ def train_step(size: Size, projector: str, mode: str, device, dtype, steps: int)
         if index:
             times.append(seconds)
     result = {
-        "samples_per_s": size.train_batch / min(times),
-        "samples_per_s_median": size.train_batch / statistics.median(times),
+        "samples_per_s": size.train_batch / statistics.median(times),
         "step_s": times,
         "trainable_params": trainable,
         "loss": losses,
@@ -381,6 +388,13 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _rate(run: dict) -> str:
+    """Decode tokens/s with its interquartile spread."""
+    if run.get("decode_tokens_per_s") is None:
+        return "-"
+    return f"{run['decode_tokens_per_s']:.1f} ±{50 * run['decode_spread']:.0f}%"
+
+
 def inference_table(results: dict) -> str:
     rows = [
         "| projector | tokens | projector ms/img b1 | prefill s b1 | decode tok/s b1 | prefill s b8 | decode tok/s b8 "
@@ -393,11 +407,10 @@ def inference_table(results: dict) -> str:
     for name, r in results.items():
         b1, b8 = ours(name, "1"), ours(name, "8")
         decode_ratio = _ratio(b1.get("decode_tokens_per_s"), ours(BASELINE, "1").get("decode_tokens_per_s"))
-        prefill_ratio = _ratio(b8.get("prefill_best_s"), ours(BASELINE, "8").get("prefill_best_s"))
+        prefill_ratio = _ratio(b8.get("prefill_s"), ours(BASELINE, "8").get("prefill_s"))
         rows.append(
             f"| {name} | {r['tokens']} | {_fmt(r.get('projector_ms_per_image', {}).get('1'), '.2f')} "
-            f"| {_fmt(b1.get('prefill_best_s'), '.3f')} | {_fmt(b1.get('decode_tokens_per_s'), '.1f')} "
-            f"| {_fmt(b8.get('prefill_best_s'), '.3f')} | {_fmt(b8.get('decode_tokens_per_s'), '.1f')} "
+            f"| {_fmt(b1.get('prefill_s'), '.3f')} | {_rate(b1)} | {_fmt(b8.get('prefill_s'), '.3f')} | {_rate(b8)} "
             f"| {_fmt(decode_ratio, '.3f')} | {_fmt(prefill_ratio, '.3f')} |"
         )
     return "\n".join(rows)
@@ -418,7 +431,7 @@ def speed_table(by_batch: dict) -> str:
             same = run.get("same_greedy_tokens")
             agreement = "-" if same is None else ("yes" if same else f"{run['token_agreement']:.0%} of tokens")
             rows.append(
-                f"| {batch} | {name} | {run['prefill_best_s']:.4f} | {_fmt(run['decode_tokens_per_s'], '.1f')} "
+                f"| {batch} | {name} | {run['prefill_s']:.4f} | {_rate(run)} "
                 f"| {_fmt(speedup['prefill'], '.2f')}x | {_fmt(speedup['decode'], '.2f')}x "
                 f"| {run['first_call_s']:.1f} | {agreement} |"
             )
