@@ -99,13 +99,13 @@ SIZES = {
         image_token_id=32000, text_before=36, text_after=20, new_tokens=32, train_text_tokens=128, train_batch=8,
         reps=3,
     ),
-    # A 60M-parameter LLM (32k vocabulary) behind a 14x14-patch ViT: where CPU decode is bound by the weights' reads.
+    # A small VLM for CPUs: SmolLM2-135M's LLM shape (30 layers of 576) behind a 12x12-patch ViT.
     "medium": Size(
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=224, patch_size=16),
-        llm=_llama(512, 8, 8, 1408, 32064),
-        image_token_id=32000, text_before=36, text_after=20, new_tokens=32, train_text_tokens=64, train_batch=4,
-        reps=5, projector_options=_llava_sp_half_width(256),
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                    image_size=192, patch_size=16),
+        llm=_llama(576, 30, 9, 1536, 49216, kv_heads=3),
+        image_token_id=49152, text_before=36, text_after=20, new_tokens=16, train_text_tokens=64, train_batch=4,
+        reps=3, projector_options=_llava_sp_half_width(384),
     ),
     # The demo's scale (8x8-patch ViT, 3-layer 192-wide LLM): CPU decode bound by per-step overhead. Also the test's.
     "small": Size(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -20,7 +22,7 @@ class SpatialMLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["cache"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -57,6 +59,9 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
         # One text config object, the LM's own: what transformers reads from ours (e.g. the attention implementation
         # when generate() builds the padding mask for a static cache) is then what the LM really uses.
         self.config.text_config = self.language_model.config
+        # transformers 5.x renamed the LM's `past_key_values` argument to `cache`: hand it over under the LM's name.
+        lm_arguments = inspect.signature(self.language_model.forward).parameters
+        self._lm_cache_argument = "cache" if "cache" in lm_arguments else "past_key_values"
         self.post_init()
         if config.image_token_id is not None:
             # The image token is a placeholder for pixels, never an answer: generation does not emit it.
@@ -152,11 +157,11 @@ class SpatialMLLMForConditionalGeneration(SpatialMLLMPreTrainedModel, Generation
         return self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{self._lm_cache_argument: cache},
             **kwargs,
         )
 
