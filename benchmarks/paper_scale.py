@@ -283,15 +283,16 @@ def inference(model, size: Size, device, dtype, with_llava: bool) -> dict:
     return result
 
 
-def fast_comparison(model, size: Size, device, dtype, compile: bool) -> dict:
-    """transformers' Llava and ours, each through the default generate() and through the fast path, same prompts."""
+def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_fast: bool = True) -> dict:
+    """transformers' Llava and ours, each through the default generate() and through the fast path, on the same
+    prompts; llava_fast=False leaves out Llava's fast path (saving its compilation)."""
     with torch.device(device):
         llava = to_hf_llava(model)
     prompt_len = size.text_before + model.num_image_tokens + size.text_after
     fast = fast_generation_kwargs(device, compile=compile, max_cache_len=prompt_len + size.new_tokens)
     variants = [
         Variant("hf_llava", llava, {}),
-        Variant("hf_llava_fast", llava, fast),
+        *([Variant("hf_llava_fast", llava, fast)] if llava_fast else []),
         Variant("ours", model, {}),
         Variant("ours_fast", model, fast),
     ]
@@ -456,12 +457,13 @@ def train_table(results: dict) -> str:
 
 
 def run(size_name: str, projectors: list[str], parts: list[str], device: torch.device, dtype: torch.dtype,
-        out: Path, compile: bool = True, train_steps: int = 2, reps: int | None = None) -> dict:
+        out: Path, compile: bool = True, train_steps: int = 2, reps: int | None = None, llava_fast: bool = True) -> dict:
     size = SIZES[size_name] if reps is None else replace(SIZES[size_name], reps=reps)
     report: dict = {
         "settings": {
             "size": size_name, "shapes": asdict(size), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "parts": parts, "batches": list(BATCHES), "compile": compile, "train_steps_timed": train_steps,
+            "parts": parts, "batches": list(BATCHES), "compile": compile, "llava_fast": llava_fast,
+            "train_steps_timed": train_steps,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -479,7 +481,7 @@ def run(size_name: str, projectors: list[str], parts: list[str], device: torch.d
             if "inference" in parts:
                 entry["inference"] = _logged(name, "inference", inference, model, size, device, dtype, name == BASELINE)
             if "fast" in parts and name == BASELINE:
-                report["fast"] = _logged(name, "fast", fast_comparison, model, size, device, dtype, compile)
+                report["fast"] = _logged(name, "fast", fast_comparison, model, size, device, dtype, compile, llava_fast)
             del model
             free(device)
             write_json(out, with_tables(report))
@@ -526,6 +528,7 @@ def main() -> None:
     parser.add_argument("--projectors", nargs="+", default=list(PAPER_PROJECTORS), metavar="NAME")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     parser.add_argument("--no-compile", action="store_true", help="fast path with a static cache but eager steps")
+    parser.add_argument("--no-llava-fast", action="store_true", help="leave out Llava's fast path (one compilation)")
     parser.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per mode (after one warm-up)")
     parser.add_argument("--reps", type=int, help="timed repetitions of each measurement (default: the size's)")
     args = parser.parse_args()
@@ -543,7 +546,8 @@ def main() -> None:
     # The baseline first: one-time warm-up of the libraries should not land on the projectors compared with it.
     projectors = sorted(set(args.projectors), key=lambda n: (n != BASELINE, args.projectors.index(n)))
     report = run("small" if args.small else args.size, projectors, args.parts, device, getattr(torch, args.dtype),
-                 args.out, compile=not args.no_compile, train_steps=args.train_steps, reps=args.reps)
+                 args.out, compile=not args.no_compile, train_steps=args.train_steps, reps=args.reps,
+                 llava_fast=not args.no_llava_fast)
     for title, table in report["tables"].items():
         print(f"\n## {title}\n\n{table}")
     print(f"\nwrote {args.out}")
