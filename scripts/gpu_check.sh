@@ -6,7 +6,8 @@
 #   inference  benchmarks/paper_scale.py --parts projector inference: every paper projector, bf16, SDPA (prefill and
 #              decode tokens/s at batch 1 and 8; transformers' Llava beside mlp2x_gelu)
 #   train      --parts train: stage 1, stage 2 LoRA r=128 and full, for the four paper projectors
-#   fsdp       a few stage-2 (LoRA) steps under FSDP on one GPU (accelerate launch with launch_fsdp.yaml), on a
+#   fsdp       a few stage-2 (LoRA) steps under FSDP on one GPU (accelerate launch with launch_fsdp.yaml; weights
+#              stored in float32, as FSDP needs one dtype, computed in bf16), on a
 #              synthetic run (scripts/gpu_check_fixture.py: 7B-wide LLM cut to 4 layers, a small built-in world),
 #              then the trained folder loaded with from_pretrained and asked one question
 #   fast       --parts fast: static KV cache + CUDA graphs (compiled decode) against transformers' Llava
@@ -132,7 +133,7 @@ fsdp() {
   "$PYTHON" scripts/gpu_check_fixture.py make "$WORK/fixture" --device "$DEVICE" "${FIXTURE[@]}" | tail -n 1 > "$WORK/fixture.json"
   cat "$WORK/fixture.json"
   "$PYTHON" -m accelerate.commands.launch "${LAUNCH[@]}" -m spatial_mllm.cli train --config llava15_stage2 \
-    "stage.init_from=$WORK/fixture/model" model.projector=llava_sp_pooling \
+    "stage.init_from=$WORK/fixture/model" model.projector=llava_sp_pooling model.dtype=float32 \
     "data.train_json=$WORK/fixture/world/llava_stage2_train.json" "data.image_folder=$WORK/fixture/world" \
     data.num_workers=0 data.max_length=1024 optimisation.max_steps=4 optimisation.global_batch_size=4 \
     optimisation.micro_batch_size=2 checkpoint.every_steps=2 "output_dir=$WORK/fsdp_run"

@@ -376,6 +376,15 @@ def test_fsdp_without_a_gpu_is_a_clear_error(base_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "fsdp").exists()  # refused before anything was written
 
 
+def test_fsdp_with_bf16_storage_is_a_clear_error(base_dir, tmp_path, monkeypatch):
+    # FSDP shards one flat tensor per unit: float32 trainable weights beside bf16 frozen ones cannot be flattened.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = tiny_config(base_dir, tmp_path / "fsdp", "instruct", "model.dtype=bfloat16")
+    with pytest.raises(ValueError, match="FSDP, which needs one dtype .* model.dtype is 'bfloat16' .* model.dtype=float32"):
+        train(config, TinySamples(base_dir))
+    assert not (tmp_path / "fsdp").exists()
+
+
 def test_builds_the_model_from_its_parts(tmp_path):
     """Without stage.init_from the model is built from model.vision / llm / tokenizer folders (or hub names)."""
     model, processor = tiny_model("saep")

@@ -77,6 +77,14 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             "the launch config asks for DeepSpeed but the deepspeed package is not installed: `pip install deepspeed` "
             "(needs CUDA), or launch with launch_ddp.yaml / launch_fsdp.yaml instead"
         )
+    if _env_flag("ACCELERATE_USE_FSDP") and config.model.dtype != "float32":
+        # Measured (torch FSDP 1 and 2): "Must flatten tensors with uniform dtype" / "FSDP expects uniform original
+        # parameter dtype", since trainable weights are always float32 (upcast_trainable).
+        raise ValueError(
+            f"the launch config asks for FSDP, which needs one dtype for all the weights it shards, but model.dtype is "
+            f"{config.model.dtype!r} (trainable weights are float32): set model.dtype=float32; the launch config's bf16 "
+            "mixed precision still computes in bf16"
+        )
     if _env_flag("ACCELERATE_USE_FSDP") and not torch.accelerator.is_available():
         raise ValueError(
             "the launch config asks for FSDP, which accelerate runs on GPUs (or other accelerators) only and this "
