@@ -15,8 +15,8 @@ chosen dtype (bf16 by default) on the chosen device. In one run, per projector:
   by the training engine's own pieces (the shipped recipe configs, `configure_for_stage`, `make_optimizer`,
   `accumulate_gradients`), gradient checkpointing and bf16 autocast: samples/s and, on CUDA, peak memory.
 
-Times are medians of `reps` interleaved repetitions after a warm-up, with the interquartile spread (every raw time
-is in the JSON); the first call of each variant (compilation included, for the fast path) is reported apart. Prints the tables and writes JSON after each
+Times are medians of `reps` interleaved repetitions after a warm-up, with their spread, (max - min) / median (every
+raw time is in the JSON); the first call of each variant (compilation included, for the fast path) is reported apart. Prints the tables and writes JSON after each
 projector, so an interrupted run keeps what it measured.
 
     python benchmarks/paper_scale.py [--small | --size medium] [--device cuda] [--dtype bfloat16]
@@ -26,6 +26,7 @@ projector, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import platform
@@ -214,10 +215,13 @@ def generate(variant: Variant, inputs: dict, new_tokens: int, image_token_id: in
     return output[:, inputs["input_ids"].shape[1]:]
 
 
-def measure_generation(variants: list[Variant], size: Size, image_tokens: int, batch: int, device, dtype) -> dict:
+def measure_generation(
+    variants: list[Variant], size: Size, image_tokens: int, batch: int, device, dtype, breakdown: bool = False
+) -> dict:
     """Per variant: the first call's time (compilation included where there is one), the greedy tokens' agreement
     with the first variant, and per repetition the time of a 1-token and of an N-token generate(), interleaved;
-    then the speed-ups of each variant against the first."""
+    then the speed-ups of each variant against the first. `breakdown`: also the model's own forward time per decode
+    step, in one more generate() (the rest of a step is generate()'s own work)."""
     n = size.new_tokens
     inputs = prompts(size, image_tokens, batch, device, dtype)
     runs, tokens = {}, {}
@@ -235,6 +239,15 @@ def measure_generation(variants: list[Variant], size: Size, image_tokens: int, b
             runs[variant.name]["generate_times_s"].append(timed(device, lambda: generate(variant, inputs, n, size.image_token_id))[0])
     for run in runs.values():
         run.update(rates(run["prefill_times_s"], run["generate_times_s"], batch, n))
+    if breakdown:
+        for variant in variants:
+            forward_s = decode_forward_s(variant, inputs, size, device)
+            run = runs[variant.name]
+            run["decode_forward_ms"] = 1000 * forward_s
+            if run["decode_tokens_per_s"] is not None:
+                step_s = batch / run["decode_tokens_per_s"]
+                run["decode_step_ms"] = 1000 * step_s
+                run["decode_forward_share"] = min(forward_s / step_s, 1.0)
     base = runs[reference]
     speedups = {
         name: {
@@ -246,10 +259,35 @@ def measure_generation(variants: list[Variant], size: Size, image_tokens: int, b
     return {"runs": runs, "reference": reference, "speedup_vs_reference": speedups}
 
 
+def decode_forward_s(variant: Variant, inputs: dict, size: Size, device) -> float:
+    """Median time of the model's forward call over the decode steps of one generate(): the eager forward, or the
+    compiled call transformers makes for a static cache (`_compiled_call`, made by the warm-up), timed from outside."""
+    model = variant.model
+    name = "_compiled_call" if "compile_config" in variant.kwargs and hasattr(model, "_compiled_call") else "forward"
+    original, times = getattr(model, name), []
+
+    @functools.wraps(original)  # generate() checks its arguments against the forward's signature
+    def timed_call(*args, **kwargs):
+        seconds, output = timed(device, lambda: original(*args, **kwargs))
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if ids is not None and ids.shape[1] == 1:  # a decode step, not the prefill
+            times.append(seconds)
+        return output
+
+    setattr(model, name, timed_call)
+    try:
+        generate(variant, inputs, size.new_tokens, size.image_token_id)
+    finally:
+        if name == "forward":
+            del model.forward  # back to the class's method
+        else:
+            model._compiled_call = original
+    return statistics.median(times)
+
+
 def rates(prefill_s: list[float], generate_s: list[float], batch: int, new_tokens: int) -> dict:
     """Medians over the repetitions: prefill time, and decode tokens/s (summed over the batch) from each
-    repetition's (N-token call - 1-token call), two adjacent calls; their spread is the interquartile range
-    relative to the median (0 with fewer than 4 repetitions)."""
+    repetition's (N-token call - 1-token call), two adjacent calls; their spread is (max - min) / median."""
     decode_s = [total - prefill for prefill, total in zip(prefill_s, generate_s)]
     median_decode = statistics.median(decode_s)
     return {
@@ -262,10 +300,7 @@ def rates(prefill_s: list[float], generate_s: list[float], batch: int, new_token
 
 
 def _spread(values: list[float]) -> float:
-    if len(values) < 4:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return (q3 - q1) / statistics.median(values)
+    return (max(values) - min(values)) / statistics.median(values)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -296,7 +331,10 @@ def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_fast:
         Variant("ours", model, {}),
         Variant("ours_fast", model, fast),
     ]
-    result = {str(b): measure_generation(variants, size, model.num_image_tokens, b, device, dtype) for b in BATCHES}
+    result = {
+        str(b): measure_generation(variants, size, model.num_image_tokens, b, device, dtype, breakdown=True)
+        for b in BATCHES
+    }
     result["compiled"] = compile
     return result
 
@@ -377,8 +415,8 @@ def training(size: Size, projector: str, device, dtype, steps: int) -> dict:
         try:
             results[mode] = train_step(size, projector, mode, device, dtype, steps)
         except torch.OutOfMemoryError as err:  # full fine-tuning of 7B on one GPU may not fit: a result, not a crash
-            free(device)
             results[mode] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        free(device)  # after the except block, which holds the failed step's tensors through the traceback
     return results
 
 
@@ -390,7 +428,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def _rate(run: dict) -> str:
-    """Decode tokens/s with its interquartile spread."""
+    """Decode tokens/s with its spread (half the range over the repetitions, relative)."""
     if run.get("decode_tokens_per_s") is None:
         return "-"
     return f"{run['decode_tokens_per_s']:.1f} ±{50 * run['decode_spread']:.0f}%"
@@ -420,8 +458,9 @@ def inference_table(results: dict) -> str:
 def speed_table(by_batch: dict) -> str:
     """Each runtime against the reference (transformers' Llava, default generate) at batch 1 and 8."""
     rows = [
-        "| batch | runtime | prefill s | decode tok/s | prefill speed-up | decode speed-up | first call s | same greedy tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | runtime | prefill s | decode tok/s | prefill speed-up | decode speed-up | decode step ms "
+        "| of which forward | first call s | same greedy tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in map(str, BATCHES):
         measured = by_batch.get(batch)
@@ -434,6 +473,7 @@ def speed_table(by_batch: dict) -> str:
             rows.append(
                 f"| {batch} | {name} | {run['prefill_s']:.4f} | {_rate(run)} "
                 f"| {_fmt(speedup['prefill'], '.2f')}x | {_fmt(speedup['decode'], '.2f')}x "
+                f"| {_fmt(run.get('decode_step_ms'), '.2f')} | {_fmt(run.get('decode_forward_ms'), '.2f')} "
                 f"| {run['first_call_s']:.1f} | {agreement} |"
             )
     return "\n".join(rows)

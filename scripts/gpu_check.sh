@@ -7,9 +7,9 @@
 #              decode tokens/s at batch 1 and 8; transformers' Llava beside mlp2x_gelu)
 #   train      --parts train: stage 1, stage 2 LoRA r=128 and full, for the four paper projectors
 #   fsdp       a few stage-2 (LoRA) steps under FSDP on one GPU (accelerate launch with launch_fsdp.yaml; weights
-#              stored in float32, as FSDP needs one dtype, computed in bf16), on a
-#              synthetic run (scripts/gpu_check_fixture.py: 7B-wide LLM cut to 4 layers, a small built-in world),
-#              then the trained folder loaded with from_pretrained and asked one question
+#              stored in float32, as FSDP needs one dtype, computed in bf16) on a synthetic run
+#              (scripts/gpu_check_fixture.py: 7B-wide LLM cut to 4 layers, a small built-in world), then the trained
+#              folder loaded with from_pretrained and asked one question
 #   fast       --parts fast: static KV cache + CUDA graphs (compiled decode) against transformers' Llava
 #   qlora      skipped: bitsandbytes is not installed, or the training engine has no 4-bit path to run
 #   vllm       skipped: vLLM is not installed, or there is no vLLM contract check in this repository
