@@ -5,19 +5,21 @@ chosen dtype (bf16 by default) on the chosen device. In one run, per projector:
 
 - projector: the projector alone, forward ms per image at batch 1 and 8;
 - inference: through `generate()` (greedy, exactly `new_tokens` new tokens, `<image>` suppressed), at batch 1 and
-  8: the time to the first token ("prefill": ViT + projector + LLM over the prompt) and decode tokens/s, taken as
-  (time for N tokens - time for 1) / (N - 1), summed over the batch. For mlp2x_gelu, transformers'
-  `LlavaForConditionalGeneration` on the same weights (`to_hf_llava`) runs the same prompts, interleaved;
+  8, timed by a streamer that notes when each token reaches the host: the time to the first token ("prefill": ViT
+  + projector + LLM over the prompt) and the decode step's time (the median step of a call), given as tokens/s
+  summed over the batch. For mlp2x_gelu, transformers' `LlavaForConditionalGeneration` on the same weights
+  (`to_hf_llava`) runs the same prompts, interleaved;
 - fast: mlp2x_gelu only: ours and Llava as above, plus both with a static KV cache and compiled decode steps
-  (`spatial_mllm.model.fast_generation_kwargs`), interleaved, with their greedy tokens compared; ratios against
-  Llava's default generate (a dynamic cache), which is what users would otherwise run;
+  (`spatial_mllm.model.fast_generation_kwargs`), interleaved, with their greedy tokens compared and the model's own
+  forward time per decode step beside the step's; ratios against Llava's default generate (a dynamic cache),
+  which is what users would otherwise run;
 - train: one optimiser step of the LLaVA-1.5 recipe's stage 1 (projector) and stage 2 (LoRA r=128, and full), built
   by the training engine's own pieces (the shipped recipe configs, `configure_for_stage`, `make_optimizer`,
   `accumulate_gradients`), gradient checkpointing and bf16 autocast: samples/s and, on CUDA, peak memory.
 
 Times are medians of `reps` interleaved repetitions after a warm-up, with their spread, (max - min) / median (every
-raw time is in the JSON); the first call of each variant (compilation included, for the fast path) is reported apart. Prints the tables and writes JSON after each
-projector, so an interrupted run keeps what it measured.
+raw time is in the JSON); the first call of each variant (compilation included, for the fast path) is reported
+apart. Prints the tables and writes JSON after each projector, so an interrupted run keeps what it measured.
 
     python benchmarks/paper_scale.py [--small | --size medium] [--device cuda] [--dtype bfloat16]
         [--out runs/bench/paper_scale.json] [--projectors ...] [--parts projector inference fast train] [--no-compile]
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import CLIPVisionConfig, LlamaConfig
+from transformers.generation.streamers import BaseStreamer
 
 from spatial_mllm.files import write_json
 from spatial_mllm.model import SpatialMLLMConfig, SpatialMLLMForConditionalGeneration, fast_generation_kwargs
@@ -206,28 +209,64 @@ class Variant:
     kwargs: dict
 
 
-def generate(variant: Variant, inputs: dict, new_tokens: int, image_token_id: int) -> torch.Tensor:
+class TokenClock(BaseStreamer):
+    """A streamer that notes when each generate() output arrives on the host: first the prompt (at the call's start),
+    then each new token (generate() hands it over as soon as it is computed, once per step)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class Call:
+    """One timed generate(): the new tokens, the time to the first new token and each decode step's time."""
+
+    tokens: torch.Tensor
+    total_s: float
+    prefill_s: float
+    step_s: list[float]
+
+
+def generate(variant: Variant, inputs: dict, new_tokens: int, image_token_id: int, device) -> Call:
+    clock = TokenClock()
+    sync(device)
+    start = time.perf_counter()
     with torch.inference_mode():
         output = variant.model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            suppress_tokens=[image_token_id], pad_token_id=PAD, **variant.kwargs,
+            suppress_tokens=[image_token_id], pad_token_id=PAD, streamer=clock, **variant.kwargs,
         )
-    return output[:, inputs["input_ids"].shape[1]:]
+    sync(device)
+    total = time.perf_counter() - start
+    arrivals = clock.times[1:]  # the first put is the prompt
+    return Call(
+        tokens=output[:, inputs["input_ids"].shape[1]:],
+        total_s=total,
+        prefill_s=arrivals[0] - start,
+        step_s=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+    )
 
 
 def measure_generation(
     variants: list[Variant], size: Size, image_tokens: int, batch: int, device, dtype, breakdown: bool = False
 ) -> dict:
     """Per variant: the first call's time (compilation included where there is one), the greedy tokens' agreement
-    with the first variant, and per repetition the time of a 1-token and of an N-token generate(), interleaved;
-    then the speed-ups of each variant against the first. `breakdown`: also the model's own forward time per decode
-    step, in one more generate() (the rest of a step is generate()'s own work)."""
+    with the first variant, and `reps` timed calls, interleaved across variants; then the speed-ups of each variant
+    against the first. `breakdown`: also the model's own forward time per decode step, in one more call (the rest
+    of a step is generate()'s own work)."""
     n = size.new_tokens
     inputs = prompts(size, image_tokens, batch, device, dtype)
     runs, tokens = {}, {}
     for variant in variants:
-        first_s, tokens[variant.name] = timed(device, lambda: generate(variant, inputs, n, size.image_token_id))
-        runs[variant.name] = {"first_call_s": first_s, "prefill_times_s": [], "generate_times_s": []}
+        first = generate(variant, inputs, n, size.image_token_id, device)
+        tokens[variant.name] = first.tokens
+        runs[variant.name] = {"first_call_s": first.total_s, "calls": []}
     reference = variants[0].name
     for variant in variants[1:]:
         same = tokens[variant.name] == tokens[reference]
@@ -235,24 +274,20 @@ def measure_generation(
         runs[variant.name]["token_agreement"] = float(same.float().mean())
     for _ in range(size.reps):
         for variant in variants:
-            runs[variant.name]["prefill_times_s"].append(timed(device, lambda: generate(variant, inputs, 1, size.image_token_id))[0])
-            runs[variant.name]["generate_times_s"].append(timed(device, lambda: generate(variant, inputs, n, size.image_token_id))[0])
+            runs[variant.name]["calls"].append(generate(variant, inputs, n, size.image_token_id, device))
     for run in runs.values():
-        run.update(rates(run["prefill_times_s"], run["generate_times_s"], batch, n))
+        run.update(rates(run.pop("calls"), batch, n))
     if breakdown:
         for variant in variants:
             forward_s = decode_forward_s(variant, inputs, size, device)
             run = runs[variant.name]
             run["decode_forward_ms"] = 1000 * forward_s
-            if run["decode_tokens_per_s"] is not None:
-                step_s = batch / run["decode_tokens_per_s"]
-                run["decode_step_ms"] = 1000 * step_s
-                run["decode_forward_share"] = min(forward_s / step_s, 1.0)
+            run["decode_forward_share"] = forward_s / (run["decode_step_ms"] / 1000)
     base = runs[reference]
     speedups = {
         name: {
             "prefill": base["prefill_s"] / run["prefill_s"],
-            "decode": _ratio(run["decode_tokens_per_s"], base["decode_tokens_per_s"]),
+            "decode": run["decode_tokens_per_s"] / base["decode_tokens_per_s"],
         }
         for name, run in runs.items() if name != reference
     }
@@ -260,8 +295,9 @@ def measure_generation(
 
 
 def decode_forward_s(variant: Variant, inputs: dict, size: Size, device) -> float:
-    """Median time of the model's forward call over the decode steps of one generate(): the eager forward, or the
-    compiled call transformers makes for a static cache (`_compiled_call`, made by the warm-up), timed from outside."""
+    """Median time of the model's forward call over the decode steps of up to 3 generate() calls: the eager forward,
+    or the compiled call transformers makes for a static cache (`_compiled_call`, made by the warm-up), timed from
+    outside (a separate measurement: the timer's synchronisation would slow the timed calls on a GPU)."""
     model = variant.model
     name = "_compiled_call" if "compile_config" in variant.kwargs and hasattr(model, "_compiled_call") else "forward"
     original, times = getattr(model, name), []
@@ -276,7 +312,8 @@ def decode_forward_s(variant: Variant, inputs: dict, size: Size, device) -> floa
 
     setattr(model, name, timed_call)
     try:
-        generate(variant, inputs, size.new_tokens, size.image_token_id)
+        for _ in range(min(3, size.reps)):
+            generate(variant, inputs, size.new_tokens, size.image_token_id, device)
     finally:
         if name == "forward":
             del model.forward  # back to the class's method
@@ -285,17 +322,23 @@ def decode_forward_s(variant: Variant, inputs: dict, size: Size, device) -> floa
     return statistics.median(times)
 
 
-def rates(prefill_s: list[float], generate_s: list[float], batch: int, new_tokens: int) -> dict:
-    """Medians over the repetitions: prefill time, and decode tokens/s (summed over the batch) from each
-    repetition's (N-token call - 1-token call), two adjacent calls; their spread is (max - min) / median."""
-    decode_s = [total - prefill for prefill, total in zip(prefill_s, generate_s)]
-    median_decode = statistics.median(decode_s)
+def rates(calls: list[Call], batch: int, new_tokens: int) -> dict:
+    """Medians over the calls: the time to the first token ("prefill"), the decode step's time (each call's median
+    step, so a step disturbed by other work on the machine does not count) and the tokens/s they give, summed over
+    the batch; spreads are (max - min) / median over the calls. Raw times are kept."""
+    prefill = [call.prefill_s for call in calls]
+    step = [statistics.median(call.step_s) for call in calls]
+    total = [call.total_s for call in calls]
     return {
-        "prefill_s": statistics.median(prefill_s),
-        "prefill_spread": _spread(prefill_s),
-        "decode_tokens_per_s": batch * (new_tokens - 1) / median_decode if median_decode > 0 else None,
-        "decode_spread": _spread(decode_s),
-        "end_to_end_tokens_per_s": batch * new_tokens / statistics.median(generate_s),
+        "prefill_s": statistics.median(prefill),
+        "prefill_spread": _spread(prefill),
+        "decode_step_ms": 1000 * statistics.median(step),
+        "decode_tokens_per_s": batch / statistics.median(step),
+        "decode_spread": _spread(step),
+        "end_to_end_tokens_per_s": batch * new_tokens / statistics.median(total),
+        "prefill_times_s": prefill,
+        "decode_step_times_s": [call.step_s for call in calls],
+        "generate_times_s": total,
     }
 
 
