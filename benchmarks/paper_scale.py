@@ -35,7 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -225,32 +225,67 @@ class TokenClock(BaseStreamer):
 
 @dataclass
 class Call:
-    """One timed generate(): the new tokens, the time to the first new token and each decode step's time."""
+    """One timed generate(): the new tokens, the time to the first new token, each decode step's time and (when
+    asked) the model's own forward time in each decode step."""
 
     tokens: torch.Tensor
     total_s: float
     prefill_s: float
     step_s: list[float]
+    forward_s: list[float]
 
 
-def generate(variant: Variant, inputs: dict, new_tokens: int, image_token_id: int, device) -> Call:
+def generate(variant: Variant, inputs: dict, new_tokens: int, image_token_id: int, device,
+             time_forward: bool = False) -> Call:
     clock = TokenClock()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        output = variant.model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            suppress_tokens=[image_token_id], pad_token_id=PAD, streamer=clock, **variant.kwargs,
-        )
-    sync(device)
-    total = time.perf_counter() - start
+    with forward_timer(variant, device, enabled=time_forward) as forward_s:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = variant.model.generate(
+                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                suppress_tokens=[image_token_id], pad_token_id=PAD, streamer=clock, **variant.kwargs,
+            )
+        sync(device)
+        total = time.perf_counter() - start
     arrivals = clock.times[1:]  # the first put is the prompt
     return Call(
         tokens=output[:, inputs["input_ids"].shape[1]:],
         total_s=total,
         prefill_s=arrivals[0] - start,
         step_s=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+        forward_s=forward_s,
     )
+
+
+@contextmanager
+def forward_timer(variant: Variant, device, enabled: bool):
+    """Yields a list that receives the time of each decode step's model call while the block runs: the eager
+    forward, or the compiled call transformers makes for a static cache (`_compiled_call`, made by the first call)."""
+    times: list[float] = []
+    if not enabled:
+        yield times
+        return
+    model = variant.model
+    name = "_compiled_call" if "compile_config" in variant.kwargs and hasattr(model, "_compiled_call") else "forward"
+    original = getattr(model, name)
+
+    @functools.wraps(original)  # generate() checks its arguments against the forward's signature
+    def timed_call(*args, **kwargs):
+        seconds, output = timed(device, lambda: original(*args, **kwargs))
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if ids is not None and ids.shape[1] == 1:  # a decode step, not the prefill
+            times.append(seconds)
+        return output
+
+    setattr(model, name, timed_call)
+    try:
+        yield times
+    finally:
+        if name == "forward":
+            del model.forward  # back to the class's method
+        else:
+            model._compiled_call = original
 
 
 def measure_generation(
@@ -272,17 +307,12 @@ def measure_generation(
         same = tokens[variant.name] == tokens[reference]
         runs[variant.name]["same_greedy_tokens"] = bool(same.all())
         runs[variant.name]["token_agreement"] = float(same.float().mean())
+    time_forward = breakdown and device.type == "cpu"  # on a GPU the timer's synchronisation would slow the steps
     for _ in range(size.reps):
         for variant in variants:
-            runs[variant.name]["calls"].append(generate(variant, inputs, n, size.image_token_id, device))
+            runs[variant.name]["calls"].append(generate(variant, inputs, n, size.image_token_id, device, time_forward))
     for run in runs.values():
         run.update(rates(run.pop("calls"), batch, n))
-    if breakdown:
-        for variant in variants:
-            forward_s = decode_forward_s(variant, inputs, size, device)
-            run = runs[variant.name]
-            run["decode_forward_ms"] = 1000 * forward_s
-            run["decode_forward_share"] = forward_s / (run["decode_step_ms"] / 1000)
     base = runs[reference]
     speedups = {
         name: {
@@ -294,34 +324,6 @@ def measure_generation(
     return {"runs": runs, "reference": reference, "speedup_vs_reference": speedups}
 
 
-def decode_forward_s(variant: Variant, inputs: dict, size: Size, device) -> float:
-    """Median time of the model's forward call over the decode steps of up to 3 generate() calls: the eager forward,
-    or the compiled call transformers makes for a static cache (`_compiled_call`, made by the warm-up), timed from
-    outside (a separate measurement: the timer's synchronisation would slow the timed calls on a GPU)."""
-    model = variant.model
-    name = "_compiled_call" if "compile_config" in variant.kwargs and hasattr(model, "_compiled_call") else "forward"
-    original, times = getattr(model, name), []
-
-    @functools.wraps(original)  # generate() checks its arguments against the forward's signature
-    def timed_call(*args, **kwargs):
-        seconds, output = timed(device, lambda: original(*args, **kwargs))
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if ids is not None and ids.shape[1] == 1:  # a decode step, not the prefill
-            times.append(seconds)
-        return output
-
-    setattr(model, name, timed_call)
-    try:
-        for _ in range(min(3, size.reps)):
-            generate(variant, inputs, size.new_tokens, size.image_token_id, device)
-    finally:
-        if name == "forward":
-            del model.forward  # back to the class's method
-        else:
-            model._compiled_call = original
-    return statistics.median(times)
-
-
 def rates(calls: list[Call], batch: int, new_tokens: int) -> dict:
     """Medians over the calls: the time to the first token ("prefill"), the decode step's time (each call's median
     step, so a step disturbed by other work on the machine does not count) and the tokens/s they give, summed over
@@ -329,6 +331,11 @@ def rates(calls: list[Call], batch: int, new_tokens: int) -> dict:
     prefill = [call.prefill_s for call in calls]
     step = [statistics.median(call.step_s) for call in calls]
     total = [call.total_s for call in calls]
+    forward = [statistics.median(call.forward_s) for call in calls if call.forward_s]
+    breakdown = {
+        "decode_forward_ms": 1000 * statistics.median(forward),
+        "decode_forward_share": statistics.median(f / s for f, s in zip(forward, step)),
+    } if forward else {}
     return {
         "prefill_s": statistics.median(prefill),
         "prefill_spread": _spread(prefill),
@@ -339,6 +346,7 @@ def rates(calls: list[Call], batch: int, new_tokens: int) -> dict:
         "prefill_times_s": prefill,
         "decode_step_times_s": [call.step_s for call in calls],
         "generate_times_s": total,
+        **breakdown,
     }
 
 
