@@ -370,16 +370,19 @@ def inference(model, size: Size, device, dtype, with_llava: bool) -> dict:
 
 
 def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_fast: bool = True) -> dict:
-    """transformers' Llava and ours, each through the default generate() and through the fast path, on the same
-    prompts; llava_fast=False leaves out Llava's fast path (saving its compilation)."""
+    """transformers' Llava and ours, each through the default generate() and through the fast path, and ours with
+    the static cache alone, on the same prompts; llava_fast=False leaves out Llava's fast path (saving its
+    compilation)."""
     with torch.device(device):
         llava = to_hf_llava(model)
     prompt_len = size.text_before + model.num_image_tokens + size.text_after
     fast = fast_generation_kwargs(device, compile=compile, max_cache_len=prompt_len + size.new_tokens)
+    static = fast_generation_kwargs(device, compile=False, max_cache_len=prompt_len + size.new_tokens)
     variants = [
         Variant("hf_llava", llava, {}),
         *([Variant("hf_llava_fast", llava, fast)] if llava_fast else []),
         Variant("ours", model, {}),
+        Variant("ours_static", model, static),  # the static cache alone, to tell its effect from compilation's
         Variant("ours_fast", model, fast),
     ]
     result = {

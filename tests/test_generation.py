@@ -69,4 +69,5 @@ def test_fast_generation_kwargs_checks_the_cache_length():
     on_gpu = fast_generation_kwargs("cuda")
     assert on_gpu["cache_implementation"] == "static" and on_gpu["compile_config"].mode == "reduce-overhead"
     assert fast_generation_kwargs("cpu")["compile_config"].mode == "default"
+    assert on_gpu["compile_config"].dynamic is False  # one graph per batch size: the cache length is fixed
     assert fast_generation_kwargs("cpu", compile=False)["disable_compile"] is True

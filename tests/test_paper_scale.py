@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_scale.py"
-RUNTIMES = ("hf_llava", "hf_llava_fast", "ours", "ours_fast")
+RUNTIMES = ("hf_llava", "hf_llava_fast", "ours", "ours_static", "ours_fast")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

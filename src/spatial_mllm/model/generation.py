@@ -35,7 +35,7 @@ def fast_generation_kwargs(
         return kwargs
     on_gpu = torch.device(device).type == "cuda"
     # CUDA graphs remove the per-step launch overhead on GPU; on CPU they do not exist, inductor's default mode fuses.
-    config = CompileConfig(mode="reduce-overhead" if on_gpu else "default")
+    config = CompileConfig(mode="reduce-overhead" if on_gpu else "default", dynamic=False)
     # transformers compiles by itself on CUDA/XPU only; this (documented) flag asks for it on CPU too.
     config._compile_all_devices = True
     kwargs["compile_config"] = config
