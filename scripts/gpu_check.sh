@@ -21,6 +21,7 @@
 #   --dry-run  the same parts at the benchmark's --small sizes on CPU (float32, no compilation; DDP on CPU in place
 #              of FSDP, which needs a GPU): checks the script before GPU time is spent on it
 #   PART ...   run only these parts (preflight always runs)
+# Exits 1 if the preflight did not pass or a part failed or timed out (the summary is written all the same).
 # Environment: PYTHON (default python3, or .venv/bin/python where it exists), GPU_CHECK_BUDGET_S (default 460,
 # 1800 for --dry-run). Wheels in .whl/ (scripts/gpu_wheels.sh) are installed first, without network, so that the
 # GPU image runs the transformers version this repository is tested with.
@@ -197,5 +198,6 @@ tmp.replace(out)
 for part in summary["parts"]:
     print(f"{part['part']:>10}: {part['status']} ({part['seconds']}s)")
 print(f"total {seconds}s of a {budget}s budget; wrote {out}")
-sys.exit(1 if any(p["status"] in ("failed", "timed out") for p in summary["parts"]) else 0)
+preflight_ok = any(p["part"] == "preflight" and p["status"] == "ok" for p in summary["parts"])
+sys.exit(0 if preflight_ok and not any(p["status"] in ("failed", "timed out") for p in summary["parts"]) else 1)
 EOF
