@@ -12,7 +12,8 @@
 #              folder loaded with from_pretrained and asked one question
 #   fast       --parts fast: static KV cache + CUDA graphs (compiled decode) against transformers' Llava
 #   qlora      skipped: bitsandbytes is not installed, or the training engine has no 4-bit path to run
-#   vllm       skipped: vLLM is not installed, or there is no vLLM contract check in this repository
+#   vllm       skipped: vLLM is not installed (its contract is checked without it by the CPU test suite:
+#              tests/test_vllm_contract.py, `spatial-mllm vllm-check`); with vLLM present, says nothing serves it here
 # Writes OUT_DIR/summary.json (each part's status and time, the FSDP run's facts), OUT_DIR/gpu_check.log (all
 # output) and the benchmark's OUT_DIR/{inference,train,fast}.json: five files. Large scratch files (the synthetic
 # model) go to $GPU_CHECK_WORK (default /tmp/gpu_check_work).
@@ -161,7 +162,7 @@ else
       if [ $part = qlora ]; then
         why=$(absent_or bitsandbytes "bitsandbytes is installed but the training engine has no 4-bit (QLoRA) path to run")
       else
-        why=$(absent_or vllm "vLLM is installed but this repository has no vLLM contract check")
+        why=$(absent_or vllm "vLLM is installed but this check does not serve through it (the contract is checked by spatial-mllm vllm-check)")
       fi
       record $part "$why" 0 0 ""
     fi
