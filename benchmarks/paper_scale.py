@@ -9,16 +9,16 @@ chosen dtype (bf16 by default) on the chosen device. In one run, per projector:
   + projector + LLM over the prompt) and the decode step's time (the median step of a call), given as tokens/s
   summed over the batch. For mlp2x_gelu, transformers' `LlavaForConditionalGeneration` on the same weights
   (`to_hf_llava`) runs the same prompts, interleaved;
-- fast: mlp2x_gelu only: ours and Llava as above, plus both with a static KV cache and compiled decode steps
-  (`spatial_mllm.model.fast_generation_kwargs`), interleaved, with their greedy tokens compared and the model's own
-  forward time per decode step beside the step's; ratios against Llava's default generate (a dynamic cache),
-  which is what users would otherwise run;
+- fast: mlp2x_gelu only: ours and Llava as above, both also with a static KV cache and compiled decode steps, and
+  ours with the static cache alone (`spatial_mllm.model.fast_generation_kwargs`), interleaved, with their greedy
+  tokens compared and (on CPU) the model's own forward time per decode step beside the step's; ratios against
+  Llava's default generate (a dynamic cache), which is what users would otherwise run;
 - train: one optimiser step of the LLaVA-1.5 recipe's stage 1 (projector) and stage 2 (LoRA r=128, and full), built
   by the training engine's own pieces (the shipped recipe configs, `configure_for_stage`, `make_optimizer`,
   `accumulate_gradients`), gradient checkpointing and bf16 autocast: samples/s and, on CUDA, peak memory.
 
 Times are medians of `reps` interleaved repetitions after a warm-up, with their spread, (max - min) / median (every
-raw time is in the JSON); the first call of each variant (compilation included, for the fast path) is reported
+raw time is in the JSON); the first call of each variant (compilation included, where there is one) is reported
 apart. Prints the tables and writes JSON after each projector, so an interrupted run keeps what it measured.
 
     python benchmarks/paper_scale.py [--small | --size medium] [--device cuda] [--dtype bfloat16]
@@ -70,7 +70,7 @@ class Size:
 
     vision: dict  # CLIPVisionConfig arguments
     llm: dict  # LlamaConfig arguments
-    image_token_id: int  # inside the LLM's vocabulary, as in llava-hf checkpoints (LlavaForConditionalGeneration needs it)
+    image_token_id: int  # inside the LLM's vocabulary, as llava-hf has it (LlavaForConditionalGeneration needs it)
     text_before: int  # prompt tokens before the image (BOS, system prompt, "USER:")
     text_after: int  # after it (the question, "ASSISTANT:")
     new_tokens: int
@@ -372,21 +372,21 @@ def inference(model, size: Size, device, dtype, with_llava: bool) -> dict:
     return result
 
 
-def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_fast: bool = True) -> dict:
-    """transformers' Llava and ours, each through the default generate() and through the fast path, and ours with
-    the static cache alone, on the same prompts; llava_fast=False leaves out Llava's fast path (saving its
-    compilation)."""
+def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_compiled: bool = True) -> dict:
+    """transformers' Llava and ours, each through the default generate() and with a static cache and compiled decode
+    steps (eager steps if not `compile`), and ours with the static cache alone, on the same prompts;
+    llava_compiled=False leaves out Llava's compiled runtime (saving its compilation)."""
     with torch.device(device):
         llava = to_hf_llava(model)
     prompt_len = size.text_before + model.num_image_tokens + size.text_after
-    fast = fast_generation_kwargs(device, compile=compile, max_cache_len=prompt_len + size.new_tokens)
+    compiled = fast_generation_kwargs(device, compile=compile, max_cache_len=prompt_len + size.new_tokens)
     static = fast_generation_kwargs(device, compile=False, max_cache_len=prompt_len + size.new_tokens)
     variants = [
         Variant("hf_llava", llava, {}),
-        *([Variant("hf_llava_fast", llava, fast)] if llava_fast else []),
+        *([Variant("hf_llava_compiled", llava, compiled)] if llava_compiled else []),
         Variant("ours", model, {}),
         Variant("ours_static", model, static),  # the static cache alone, to tell its effect from compilation's
-        Variant("ours_fast", model, fast),
+        Variant("ours_compiled", model, compiled),
     ]
     result = {
         str(b): measure_generation(variants, size, model.num_image_tokens, b, device, dtype, breakdown=True)
@@ -401,7 +401,8 @@ def weight_read_floor_ms(model, size: Size, device, dtype) -> float:
     """Time of one linear layer as large as all the LLM's matrices together (output head included, token embeddings
     not: a step reads one row of those), on one token: what reading the weights once costs on this machine, the part
     of a batch-1 decode step that no runtime can remove."""
-    count = sum(p.numel() for n, p in model.language_model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    matrices = model.language_model.named_parameters()
+    count = sum(p.numel() for n, p in matrices if p.dim() == 2 and "embed_tokens" not in n)
     columns = size.llm["hidden_size"]
     weight = torch.randn(count // columns, columns, dtype=dtype, device=device)
     token = torch.randn(1, columns, dtype=dtype, device=device)
@@ -420,7 +421,8 @@ def train_batch(size: Size, num_image_tokens: int, dtype) -> dict:
     generator = torch.Generator().manual_seed(0)
     batch = size.train_batch
     text = torch.randint(3, size.image_token_id, (batch, size.train_text_tokens), generator=generator)
-    input_ids = torch.cat([torch.full((batch, 1), BOS), torch.full((batch, num_image_tokens), size.image_token_id), text], 1)
+    image = torch.full((batch, num_image_tokens), size.image_token_id)
+    input_ids = torch.cat([torch.full((batch, 1), BOS), image, text], 1)
     labels = input_ids.clone()
     labels[:, : 1 + num_image_tokens] = -100
     side = size.vision["image_size"]
@@ -570,12 +572,14 @@ def train_table(results: dict) -> str:
 
 
 def run(size_name: str, projectors: list[str], parts: list[str], device: torch.device, dtype: torch.dtype,
-        out: Path, compile: bool = True, train_steps: int = 2, reps: int | None = None, llava_fast: bool = True) -> dict:
+        out: Path, compile: bool = True, train_steps: int = 2, reps: int | None = None,
+        llava_compiled: bool = True) -> dict:
     size = SIZES[size_name] if reps is None else replace(SIZES[size_name], reps=reps)
     report: dict = {
         "settings": {
-            "size": size_name, "shapes": asdict(size), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-            "parts": parts, "batches": list(BATCHES), "compile": compile, "llava_fast": llava_fast,
+            "size": size_name, "shapes": asdict(size), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "parts": parts, "batches": list(BATCHES), "compile": compile, "llava_compiled": llava_compiled,
             "train_steps_timed": train_steps,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(),
@@ -590,11 +594,14 @@ def run(size_name: str, projectors: list[str], parts: list[str], device: torch.d
             entry["tokens"] = model.num_image_tokens
             entry["projector_params"] = sum(p.numel() for p in model.projector.parameters())
             if "projector" in parts:
-                entry["projector_ms_per_image"] = _logged(name, "projector", projector_ms_per_image, model, size, device, dtype)
+                entry["projector_ms_per_image"] = _logged(
+                    name, "projector", projector_ms_per_image, model, size, device, dtype
+                )
             if "inference" in parts:
                 entry["inference"] = _logged(name, "inference", inference, model, size, device, dtype, name == BASELINE)
             if "fast" in parts and name == BASELINE:
-                report["fast"] = _logged(name, "fast", fast_comparison, model, size, device, dtype, compile, llava_fast)
+                report["fast"] = _logged(name, "fast", fast_comparison, model, size, device, dtype, compile,
+                                         llava_compiled)
             del model
             free(device)
             write_json(out, with_tables(report))
@@ -644,8 +651,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/paper_scale.json"), help="JSON results file")
     parser.add_argument("--projectors", nargs="+", default=list(PAPER_PROJECTORS), metavar="NAME")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
-    parser.add_argument("--no-compile", action="store_true", help="fast path with a static cache but eager steps")
-    parser.add_argument("--no-llava-fast", action="store_true", help="leave out Llava's fast path (one compilation)")
+    parser.add_argument("--no-compile", action="store_true", help="the compiled runtimes with eager steps (no waiting)")
+    parser.add_argument("--no-llava-compiled", action="store_true", help="leave out Llava compiled (one compilation)")
     parser.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per mode (after one warm-up)")
     parser.add_argument("--reps", type=int, help="timed repetitions of each measurement (default: the size's)")
     args = parser.parse_args()
@@ -664,7 +671,7 @@ def main() -> None:
     projectors = sorted(set(args.projectors), key=lambda n: (n != BASELINE, args.projectors.index(n)))
     report = run("small" if args.small else args.size, projectors, args.parts, device, getattr(torch, args.dtype),
                  args.out, compile=not args.no_compile, train_steps=args.train_steps, reps=args.reps,
-                 llava_fast=not args.no_llava_fast)
+                 llava_compiled=not args.no_llava_compiled)
     for title, table in report["tables"].items():
         print(f"\n## {title}\n\n{table}")
     print(f"\nwrote {args.out}")

@@ -156,7 +156,7 @@ else
     --out "$OUT/inference.json"
   wanted train && run_part train 130 bench --parts train --projectors "${TRAIN_PROJECTORS[@]}" --out "$OUT/train.json"
   wanted fsdp && run_part fsdp 130 fsdp
-  wanted fast && run_part fast 200 bench --parts fast --projectors mlp2x_gelu --no-llava-fast --out "$OUT/fast.json"
+  wanted fast && run_part fast 200 bench --parts fast --projectors mlp2x_gelu --no-llava-compiled --out "$OUT/fast.json"
   for part in qlora vllm; do
     if wanted $part; then
       if [ $part = qlora ]; then

@@ -40,7 +40,7 @@ def test_dry_run_runs_every_part(tmp_path):
     assert fsdp["load_and_generate"]["has_lora"] is True and fsdp["load_and_generate"]["new_tokens"] >= 1
     inference = json.loads((out / "inference.json").read_text())
     assert list(inference["projectors"]) == ["mlp2x_gelu", "saep"]
-    assert "ours_fast" in json.loads((out / "fast.json").read_text())["fast"]["1"]["runs"]
+    assert "ours_compiled" in json.loads((out / "fast.json").read_text())["fast"]["1"]["runs"]
     assert set(json.loads((out / "train.json").read_text())["projectors"]["saep"]["train"]) == {
         "stage1", "stage2_lora", "stage2_full"
     }

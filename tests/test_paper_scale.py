@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_scale.py"
-RUNTIMES = ("hf_llava", "hf_llava_fast", "ours", "ours_static", "ours_fast")
+RUNTIMES = ("hf_llava", "hf_llava_compiled", "ours", "ours_static", "ours_compiled")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -79,7 +79,7 @@ def test_small_run_measures_every_part(tmp_path):
 
     tables = report["tables"]
     assert "| mlp2x_gelu | 64 |" in tables["inference"] and "| saep | 16 |" in tables["inference"]
-    assert "| 8 | ours |" in tables["parity"] and "| 8 | ours_fast |" in tables["fast"]
+    assert "| 8 | ours |" in tables["parity"] and "| 8 | ours_compiled |" in tables["fast"]
     assert "| saep | stage2_lora |" in tables["train"]
     assert "## fast" in done.stdout and "wrote" in done.stdout
 
