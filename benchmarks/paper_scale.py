@@ -372,10 +372,12 @@ def inference(model, size: Size, device, dtype, with_llava: bool) -> dict:
     return result
 
 
-def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_compiled: bool = True) -> dict:
+def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_compiled: bool, result: dict,
+                    save) -> dict:
     """transformers' Llava and ours, each through the default generate() and with a static cache and compiled decode
     steps (eager steps if not `compile`), and ours with the static cache alone, on the same prompts;
-    llava_compiled=False leaves out Llava's compiled runtime (saving its compilation)."""
+    llava_compiled=False leaves out Llava's compiled runtime (saving its compilation). Fills `result` and calls
+    `save()` after each batch size, so that a run stopped during a compilation keeps what was measured."""
     with torch.device(device):
         llava = to_hf_llava(model)
     prompt_len = size.text_before + model.num_image_tokens + size.text_after
@@ -388,12 +390,13 @@ def fast_comparison(model, size: Size, device, dtype, compile: bool, llava_compi
         Variant("ours_static", model, static),  # the static cache alone, to tell its effect from compilation's
         Variant("ours_compiled", model, compiled),
     ]
-    result = {
-        str(b): measure_generation(variants, size, model.num_image_tokens, b, device, dtype, breakdown=True)
-        for b in BATCHES
-    }
     result["compiled"] = compile
     result["weight_read_floor_ms"] = weight_read_floor_ms(model, size, device, dtype)
+    for batch in BATCHES:
+        result[str(batch)] = measure_generation(
+            variants, size, model.num_image_tokens, batch, device, dtype, breakdown=True
+        )
+        save()
     return result
 
 
@@ -600,8 +603,9 @@ def run(size_name: str, projectors: list[str], parts: list[str], device: torch.d
             if "inference" in parts:
                 entry["inference"] = _logged(name, "inference", inference, model, size, device, dtype, name == BASELINE)
             if "fast" in parts and name == BASELINE:
-                report["fast"] = _logged(name, "fast", fast_comparison, model, size, device, dtype, compile,
-                                         llava_compiled)
+                report["fast"] = {}
+                _logged(name, "fast", fast_comparison, model, size, device, dtype, compile, llava_compiled,
+                        report["fast"], lambda: write_json(out, with_tables(report)))
             del model
             free(device)
             write_json(out, with_tables(report))
