@@ -27,7 +27,6 @@
 # 1800 for --dry-run). Wheels in .whl/ (scripts/gpu_wheels.sh) are installed first, without network, so that the
 # GPU image runs the transformers version this repository is tested with.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 usage() { echo "usage: scripts/gpu_check.sh OUT_DIR [--dry-run] [PART ...]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
@@ -43,12 +42,17 @@ for arg in "$@"; do
 done
 [ ${#ONLY[@]} -gt 0 ] || ONLY=("${ALL_PARTS[@]}")
 
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: the rest runs from the repository root
+WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
+if [ -e "$WORK" ] && [ ! -f "$WORK/.gpu_check" ]; then
+  echo "gpu_check.sh: $WORK exists and was not made by this script; set GPU_CHECK_WORK to a new folder" >&2; exit 2
+fi
+rm -rf "$WORK"; mkdir -p "$WORK"; : > "$WORK/.gpu_check"  # scratch of an earlier run is replaced
+WORK=$(cd "$WORK" && pwd)
+cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-WORK=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
-mkdir -p "$OUT"
-rm -rf "$WORK"; mkdir -p "$WORK"
 LOG=$OUT/gpu_check.log; : > "$LOG"
 PARTS_FILE=$WORK/parts.jsonl; : > "$PARTS_FILE"
 START=$(date +%s)

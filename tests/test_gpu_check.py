@@ -59,3 +59,12 @@ def test_a_part_out_of_time_is_recorded_and_the_rest_still_reported(tmp_path):
 def test_unknown_arguments_are_refused():
     done = subprocess.run(["bash", str(SCRIPT), "/tmp/x", "--nope"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "unknown argument '--nope'" in done.stderr
+
+
+def test_a_scratch_folder_it_did_not_make_is_left_alone(tmp_path):
+    work = tmp_path / "precious"
+    work.mkdir()
+    (work / "data.txt").write_text("keep")
+    done = run(tmp_path / "out", work, "--dry-run")
+    assert done.returncode == 2 and "exists and was not made by this script" in done.stderr
+    assert (work / "data.txt").read_text() == "keep"

@@ -314,7 +314,7 @@ def test_a_generated_image_token_is_text(model_dir):
     with torch.inference_mode():
         prefill = model(**inputs, use_cache=True)
         # A decode step fed the image token (as a model without suppression could emit it) reads it as text.
-        step = model(input_ids=torch.tensor([[image_id]]), past_key_values=prefill.past_key_values, use_cache=True)
+        step = model(input_ids=torch.tensor([[image_id]]), cache=prefill.past_key_values, use_cache=True)
     assert torch.isfinite(step.logits).all()
 
 

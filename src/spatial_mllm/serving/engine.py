@@ -179,7 +179,7 @@ class Engine:
             attention_mask=state.attention_mask,
             position_ids=position_ids,
             pixel_values=pixel_values,
-            past_key_values=state.cache,
+            cache=state.cache,
             use_cache=True,
             logits_to_keep=1,
         )
