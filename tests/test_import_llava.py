@@ -544,9 +544,9 @@ def test_by_default_the_release_dtype_is_kept_bit_for_bit(releases, tmp_path):
     assert cli.main(["import-llava", "--model-path", str(releases.llava_full), "--out", str(out)]) == 0
     saved = load_file(out / "model.safetensors")
     shard = torch.load(releases.llava_full / "pytorch_model-00002-of-00002.bin", weights_only=True)
-    assert saved["language_model.model.norm.weight"].dtype == torch.float16
-    assert torch.equal(saved["language_model.model.norm.weight"], shard["model.norm.weight"])
-    assert torch.equal(saved["projector.mlp.2.weight"], shard["model.mm_projector.2.weight"])
+    assert saved["model.language_model.norm.weight"].dtype == torch.float16
+    assert torch.equal(saved["model.language_model.norm.weight"], shard["model.norm.weight"])
+    assert torch.equal(saved["model.projector.mlp.2.weight"], shard["model.mm_projector.2.weight"])
 
 
 def test_stage2_training_starts_from_an_imported_release(imported, tmp_path, monkeypatch, capsys):

@@ -83,3 +83,44 @@ def test_commands_name_the_missing_weights(copy, tmp_path, capsys, command):
     error = capsys.readouterr().err
     assert f"spatial-mllm {command}: error: model folder {copy}: no weights (model.safetensors" in error
     assert "Traceback" not in error
+
+
+def test_a_folder_of_the_earlier_weight_layout_loads_the_same_model(saved, tmp_path):
+    """Folders saved before the model took transformers' Llava layout (vision_tower.*, projector.*,
+    language_model.model.*, language_model.lm_head.*), a LoRA adapter named that way too, still load, strictly."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from spatial_mllm.model.adapter import attach_adapter_weights
+
+    new_to_old = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                  ("model.projector.", "projector."), ("model.vision_tower.", "vision_tower."))
+
+    def old_name(key: str) -> str:
+        for new, old in new_to_old:
+            if key.startswith(new):
+                return old + key[len(new):]
+        raise AssertionError(key)
+
+    folder = Path(shutil.copytree(saved, tmp_path / "old"))
+    save_file({old_name(k): v for k, v in load_file(folder / WEIGHTS_FILE).items()}, folder / WEIGHTS_FILE,
+              metadata={"format": "pt"})
+    # A LoRA adapter as the earlier layout saved it: keys and target pattern under language_model.model.
+    reference, _ = load_for_inference(saved)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=r"model\.language_model\.(.*\.)?(q_proj|v_proj)")
+    weights = {}
+    generator = torch.Generator().manual_seed(0)
+    for name, module in reference.named_modules():
+        if name.endswith(("q_proj", "v_proj")) and name.startswith("model.language_model."):
+            weights[f"{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=generator)
+            weights[f"{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=generator)
+    attach_adapter_weights(reference, config, weights, "test adapter")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        **config.to_dict(), "target_modules": r"language_model\.(.*\.)?(q_proj|v_proj)", "peft_type": "LORA"}))
+    save_file({"base_model.model." + old_name(k): v for k, v in weights.items()}, folder / "adapter_model.safetensors")
+
+    model, _ = load_for_inference(folder)
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference.eval()(input_ids=ids).logits, rtol=0, atol=0)

@@ -184,7 +184,7 @@ def test_checkpoint_contents(stage1_dir, tmp_path):
     assert (state.step, state.epoch, state.step_in_epoch, state.samples_seen) == (8, 4, 0, 32)
     assert state.fingerprint["lora.dropout"] == 0.1 and state.fingerprint["dataset.num_samples"] == 8
     trainable = load_file(folder / "trainable.safetensors")
-    assert trainable and all(k.startswith("projector.") or ".lora_" in k for k in trainable)
+    assert trainable and all(k.startswith("model.projector.") or ".lora_" in k for k in trainable)
     optimizer = load_tree(folder, "optimizer")
     assert len(optimizer["state"]) == len(trainable)
     assert {g["name"] for g in optimizer["param_groups"]} == {"language_model", "projector", "projector_no_decay"}

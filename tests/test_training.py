@@ -196,9 +196,9 @@ def test_stage1_trains_every_projector_part_and_nothing_else(tmp_path):
     after = params_of(SpatialMLLMForConditionalGeneration.from_pretrained(out))
     assert before.keys() == after.keys()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
-    projector = {n for n in before if n.startswith("projector.")}
+    projector = {n for n in before if n.startswith("model.projector.")}
     assert changed == projector  # DFI included (the official release left it frozen)
-    assert any(n.startswith("projector.dfi.") for n in changed) and any(n.startswith("projector.sfe.") for n in changed)
+    assert any(n.startswith("model.projector.dfi.") for n in changed) and any(n.startswith("model.projector.sfe.") for n in changed)
 
 
 # --- real runs -----------------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_stage2_starts_from_stage1_and_trains_projector_and_lora(stage_runs):
     assert has_lora(stage2_model)  # the folder loads as model + embedded adapter, whatever its name
     stage2 = params_of(stage2_model)
     for name, value in stage1.items():
-        if name.startswith("projector."):
+        if name.startswith("model.projector."):
             assert not torch.equal(value, base[name])  # stage 1 trained it
             assert not torch.equal(stage2[name], value)  # stage 2 went on from there
             assert (stage2[name] - value).abs().max() < (value - base[name]).abs().max()  # at 1/10 of the lr
@@ -220,7 +220,7 @@ def test_stage2_starts_from_stage1_and_trains_projector_and_lora(stage_runs):
     lora_b = [v for n, v in stage2.items() if ".lora_B." in n]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it trained
     for name, value in stage2.items():
-        if ".lora_" not in name and not name.startswith("projector."):
+        if ".lora_" not in name and not name.startswith("model.projector."):
             assert torch.equal(value, stage1[name.replace(".base_layer.", ".")]), name
     files = {p.name for p in stage_runs["stage2"].iterdir()}
     assert {"config.json", "model.safetensors", ADAPTER_CONFIG, "adapter_model.safetensors", "processor_config.json",
@@ -231,7 +231,7 @@ def test_stage2_starts_from_stage1_and_trains_projector_and_lora(stage_runs):
     assert (stage_runs["stage2"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The last checkpoint holds exactly the trainable weights, and they are the exported ones.
     trainable = load_file(latest_checkpoint(stage_runs["stage2"]) / "trainable.safetensors")
-    assert set(trainable) == {n for n in stage2 if n.startswith("projector.") or ".lora_" in n}
+    assert set(trainable) == {n for n in stage2 if n.startswith("model.projector.") or ".lora_" in n}
     for name, value in trainable.items():
         assert torch.equal(value, stage2[name])
 
@@ -399,7 +399,7 @@ def test_builds_the_model_from_its_parts(tmp_path):
     out = train(config, TinySamples(base))
     trained = SpatialMLLMForConditionalGeneration.from_pretrained(out)
     assert trained.config.projector_type == "saep" and trained.num_image_tokens == 36
-    assert torch.equal(trained.language_model.model.embed_tokens.weight, model.language_model.model.embed_tokens.weight)
+    assert torch.equal(trained.language_model.embed_tokens.weight, model.language_model.embed_tokens.weight)
     assert SpatialMLLMProcessor.from_pretrained(out).num_image_tokens == 36
     with pytest.raises(ValueError, match="stage.init_from gives the whole model: leave model.vision"):
         tiny_config(tmp_path, tmp_path / "x", "align", f"model.vision={tmp_path / 'vit'}")

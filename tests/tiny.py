@@ -71,7 +71,7 @@ def sharpened(model, processor):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.dim() > 1 and not name.startswith("vision_tower"):
+            if parameter.dim() > 1 and not name.startswith("model.vision_tower"):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     return model, processor
 

@@ -22,6 +22,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 PEFT_PREFIX = "base_model.model."  # peft's files name keys from its PeftModel wrapper
+LEGACY_LM_PREFIX, NEW_LM_PREFIX = "language_model.model.", "model.language_model."
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -40,6 +41,11 @@ def attach_adapter(model: nn.Module, model_dir: Path) -> None:
         raise ValueError(
             f"{model_dir / ADAPTER_WEIGHTS}: not a readable safetensors file ({err}); was it copied completely?"
         ) from None
+    if any(key.startswith(LEGACY_LM_PREFIX) for key in weights):
+        # Saved before the model took transformers' Llava layout: the LLM's decoder moved to model.language_model.
+        weights = {NEW_LM_PREFIX + key.removeprefix(LEGACY_LM_PREFIX): v for key, v in weights.items()}
+        if isinstance(config.target_modules, str) and config.target_modules.startswith("language_model"):
+            config.target_modules = r"model\." + config.target_modules
     attach_adapter_weights(model, config, weights, str(model_dir / ADAPTER_WEIGHTS))
 
 

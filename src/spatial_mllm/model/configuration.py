@@ -6,6 +6,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .remote_code import AUTO_MAP
+
 IMAGE_TOKEN = "<image>"
 # Beside a trained model: how it was prompted (template) and named; written last, so it also marks completion.
 RUN_INFO_FILE = "spatial_mllm_run.json"
@@ -40,6 +42,8 @@ class SpatialMLLMConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.projector_options is None:
             self.projector_options = {}
+        # Where processes that never import spatial_mllm find its classes (see remote_code.py).
+        self.auto_map = dict(AUTO_MAP)
         # The LM's own tying decides; the composite config only mirrors it (as LlavaConfig does).
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 

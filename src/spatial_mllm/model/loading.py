@@ -16,10 +16,12 @@ from typing import Any
 import torch
 import transformers
 
+from safetensors import safe_open
+
 from ..cache import tokenizer_digest
 from .adapter import ADAPTER_FILES, attach_adapter
 from .configuration import RUN_INFO_FILE
-from .folder import check_model_folder
+from .folder import WEIGHTS_FILE, WEIGHTS_INDEX, check_model_folder
 from .modeling import SpatialMLLMForConditionalGeneration
 from .processing import SpatialMLLMProcessor
 
@@ -67,6 +69,23 @@ def load_model_folder(
     return model, processor
 
 
+# Weight names of folders saved before the model took transformers' Llava layout (model.* + lm_head).
+LEGACY_KEY_MAPPING = {
+    r"^language_model\.model\.": "model.language_model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^projector\.": "model.projector.",
+    r"^vision_tower\.": "model.vision_tower.",
+}
+
+
+def _weight_names(folder: Path) -> list[str]:
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    with safe_open(folder / WEIGHTS_FILE, "pt") as weights:
+        return list(weights.keys())
+
+
 def _load_weights(folder: Path, dtype: torch.dtype | None, what: str) -> SpatialMLLMForConditionalGeneration:
     # transformers would attach an adapter it finds beside the weights: load from a view without the adapter files,
     # so that attaching it is our decision (and as strict as the rest).
@@ -77,8 +96,9 @@ def _load_weights(folder: Path, dtype: torch.dtype | None, what: str) -> Spatial
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # mismatches are reported below, as an error
         try:
+            legacy = any(name.startswith(("language_model.", "projector.")) for name in _weight_names(folder))
             model, loading = SpatialMLLMForConditionalGeneration.from_pretrained(
-                view, dtype=dtype, output_loading_info=True
+                view, dtype=dtype, output_loading_info=True, key_mapping=LEGACY_KEY_MAPPING if legacy else None
             )
         except (RuntimeError, ValueError, OSError) as err:
             first = str(err).strip().splitlines()[0][:300]

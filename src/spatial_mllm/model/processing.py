@@ -26,8 +26,8 @@ from .chat_templates import CHAT_TEMPLATES, TOKENIZER_TEMPLATE, resolve_chat_tem
 from .configuration import IMAGE_TOKEN, RUN_INFO_FILE
 from .conversation import ConversationEncoder, EncodedConversation, Messages, Segment
 from .image_transform import ImageTransform
+from .remote_code import write_module
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where ProcessorMixin.save_pretrained writes the template
 
 
 class SpatialMLLMProcessor(ProcessorMixin):
@@ -60,8 +60,7 @@ class SpatialMLLMProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SpatialMLLMProcessor:
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        folder = Path(pretrained_model_name_or_path)
-        legacy = None if (folder / CHAT_TEMPLATE_FILE).is_file() else _legacy_template(folder)
+        legacy = _legacy_template(Path(pretrained_model_name_or_path))
         if legacy is not None:  # saved before processors carried their template: the run recorded its name
             processor.use_template(legacy)
         return processor
@@ -70,7 +69,9 @@ class SpatialMLLMProcessor(ProcessorMixin):
         # The tokenizer saves only its init arguments; a padding side set afterwards would be lost on reload, and
         # the reloaded processor would then pad differently from the one that was saved.
         self.tokenizer.init_kwargs["padding_side"] = self.tokenizer.padding_side
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        write_module(save_directory)  # what auto_map names, for a processor saved on its own
+        return saved
 
     # --- what consumers ask of a processor ----------------------------------------------------------------------
     @property

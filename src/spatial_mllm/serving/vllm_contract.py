@@ -42,8 +42,12 @@ def _auto_map(folder: Path) -> Requirement:
     auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
     wanted = ("AutoConfig", "AutoModel", "AutoProcessor")
     missing = [name for name in wanted if name not in auto_map]
+    modules = sorted({auto_map[name].split(".")[0] for name in wanted if name in auto_map})
+    absent = [module for module in modules if not (folder / f"{module}.py").is_file()]
+    if not missing and not absent:
+        return Requirement("auto_map", True, f"config.json auto_map names {', '.join(wanted)} in {', '.join(modules)}.py")
     if not missing:
-        return Requirement("auto_map", True, f"config.json auto_map names {', '.join(wanted)}")
+        return Requirement("auto_map", False, f"config.json auto_map names {', '.join(absent)}.py, which the folder lacks")
     return Requirement("auto_map", False, f"config.json auto_map lacks {', '.join(missing)}: a vLLM process, which "
                        "never imports spatial_mllm, cannot find the classes of model_type 'spatial_mllm'")
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..model.adapter import ADAPTER_CONFIG, ADAPTER_NAME, ADAPTER_WEIGHTS, PEFT_PREFIX, has_lora, merge_lora
 from .config import LoraSection
 
-LM_PREFIX = "language_model."
+LM_PREFIX = "model.language_model."  # the decoder; the output head (lm_head) is never adapted
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

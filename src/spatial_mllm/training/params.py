@@ -12,8 +12,8 @@ from torch import nn
 
 from .config import TrainConfig
 
-PROJECTOR_PREFIX = "projector."
-VISION_PREFIX = "vision_tower."
+PROJECTOR_PREFIX = "model.projector."
+VISION_PREFIX = "model.vision_tower."
 LORA_MARKER = ".lora_"  # peft names adapter weights `<layer>.lora_A.<adapter>.weight`, `<layer>.lora_B...`
 
 

@@ -16,11 +16,11 @@ from ..vision.tower import backbone_of
 
 # (our prefix, HF Llava prefix), most specific first.
 _PREFIXES = (
-    ("projector.mlp.0.", "model.multi_modal_projector.linear_1."),
-    ("projector.mlp.2.", "model.multi_modal_projector.linear_2."),
-    ("vision_tower.model.", "model.vision_tower."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
+    ("model.projector.mlp.0.", "model.multi_modal_projector.linear_1."),
+    ("model.projector.mlp.2.", "model.multi_modal_projector.linear_2."),
+    ("model.vision_tower.model.", "model.vision_tower."),
+    ("model.language_model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
 )
 
 

@@ -70,11 +70,12 @@ def export_llava(model_dir: str | Path, out_dir: str | Path, lora: bool = False,
         if lora:
             _write_adapter(model_dir, staging)
             torch.save({OFFICIAL_PREFIX + k: v.contiguous() for k, v in projector.items()}, staging / NON_LORA_TRAINABLES)
-            model.language_model.save_pretrained(staging / BASE_FOLDER)
+            model.causal_lm().save_pretrained(staging / BASE_FOLDER)
             _write_tokenizer(processor, model, model_dir, staging / BASE_FOLDER)
         else:
-            llm = {k: v.contiguous() for k, v in model.language_model.state_dict().items()}
-            for key in getattr(model.language_model, "all_tied_weights_keys", None) or {}:
+            causal_lm = model.causal_lm()
+            llm = {k: v.contiguous() for k, v in causal_lm.state_dict().items()}
+            for key in getattr(causal_lm, "all_tied_weights_keys", None) or {}:
                 llm.pop(key, None)  # a tied output head is the embedding matrix: stored once, as transformers does
             save_file({**llm, **{k: v.contiguous() for k, v in projector.items()}}, staging / "model.safetensors",
                       metadata={"format": "pt"})
@@ -136,13 +137,14 @@ def llava_config(model: SpatialMLLMForConditionalGeneration, processor: SpatialM
 
 
 def _write_adapter(model_dir: Path, staging: Path) -> None:
-    """Our adapter (over the whole model, LLM under `language_model.`) renamed for LLaVA's causal LM."""
-    inner = PEFT_PREFIX + "language_model."
+    """Our adapter (over the whole model, the LLM's decoder at `model.language_model.`) renamed for LLaVA's causal
+    LM, whose decoder is `model.`."""
+    inner = PEFT_PREFIX + "model.language_model."
     weights = load_file(model_dir / ADAPTER_WEIGHTS)
     outside = sorted(k for k in weights if not k.startswith(inner))
     if outside:
         raise ValueError(f"{model_dir / ADAPTER_WEIGHTS} has LoRA outside the LLM ({outside[:3]}), which LLaVA cannot load")
-    renamed = {PEFT_PREFIX + k.removeprefix(inner): v.contiguous() for k, v in weights.items()}
+    renamed = {PEFT_PREFIX + "model." + k.removeprefix(inner): v.contiguous() for k, v in weights.items()}
     # One pattern per adapted layer kind, layer index free: what LLaVA's LlamaModel calls them.
     modules = {k.removeprefix(PEFT_PREFIX).split(".lora_")[0] for k in renamed}
     kinds = sorted({re.escape(re.sub(r"\.\d+\.", ".0.", m)).replace(r"\.0\.", r"\.\d+\.") for m in modules})

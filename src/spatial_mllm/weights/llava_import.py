@@ -340,8 +340,8 @@ def _build_language_model(config, state: dict[str, torch.Tensor], inv_freq: dict
 
 def _attach_release_adapter(model: SpatialMLLMForConditionalGeneration, release: LlavaRelease) -> LoraConfig:
     """Injects the release's LoRA layers into our LLM and loads the adapter, strictly. LLaVA saves the adapter of
-    its whole causal LM; ours sits under `language_model.`, so names are moved there and LoRA is placed only on the
-    LLM's layers the adapter names."""
+    its whole causal LM, whose decoder is `model.`; ours sits at `model.language_model.`, so names are moved there
+    and LoRA is placed only on the LLM's layers the adapter names."""
     path = release.adapter_weights()
     weights = read_state_dict(path)
     strange = sorted(k for k in weights if not k.startswith(PEFT_PREFIX) or ".lora_" not in k)
@@ -353,12 +353,15 @@ def _attach_release_adapter(model: SpatialMLLMForConditionalGeneration, release:
     layer_names = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights})
     config = dataclasses.replace(
         released,
-        target_modules=rf"language_model\.(.*\.)?({'|'.join(map(re.escape, layer_names))})",
+        target_modules=rf"model\.language_model\.(.*\.)?({'|'.join(map(re.escape, layer_names))})",
         task_type=None,
         base_model_name_or_path=None,
         inference_mode=False,
     )
-    ours = {"language_model." + k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
+    outside = sorted(k for k in weights if not k.startswith(PEFT_PREFIX + "model."))
+    if outside:
+        raise ValueError(f"{path} holds LoRA weights outside the LLM's decoder: {outside[:5]}")
+    ours = {"model.language_model." + k.removeprefix(PEFT_PREFIX + "model."): v for k, v in weights.items()}
     attach_adapter_weights(model, config, ours, str(path))
     return config
 
