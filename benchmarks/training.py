@@ -4,8 +4,8 @@ peak, measured side by side in one run.
     .venv/bin/python benchmarks/training.py [--plan default|quick] [--steps 12] [--images 640] [--threads 2]
         [--json runs/benchmarks/training.json]
 
-Setup, as the demo has it: a built-in world of --images train images, its tokenizer, the plan's ViT and LLM
-shapes (random init: speed does not depend on the weights), the mlp2x_gelu projector, the frozen ViT's features
+Setup, as the demo has it: a built-in world of --images train images, the shipped ViT and LLM (with the LLM's
+phrase tokenizer), the mlp2x_gelu projector, the frozen ViT's features
 cached once, and the stage-2 data (conversations mixed with detailed descriptions) read through the processor.
 Each variant then runs --steps optimiser steps of the plan's stage-2 batch through the engine's own pieces
 (`prepare_model`, the optimizer, the sampler, the collator, `accumulate_gradients`), timing per step:
@@ -33,10 +33,8 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from spatial_mllm.demo import DEFAULT, QUICK
-from spatial_mllm.demo.pretrain_llm import build_llama_config
-from spatial_mllm.demo.pretrain_vision import build_clip_config
+from spatial_mllm.demo.encoders.shipped import shipped_encoder
 from spatial_mllm.demo.run import instruct_mix, stage_config
-from spatial_mllm.demo.tokenizer import train_world_tokenizer, world_texts
 from spatial_mllm.demo.world import make_world
 from spatial_mllm.demo.world.make import split_files
 from spatial_mllm.data.dataset import LlavaDataset
@@ -69,11 +67,9 @@ def setup(plan, root: Path, images: int, seed: int):
     """A demo-shaped base model folder, the stage-2 dataset on cached features, and its config maker."""
     world = root / "world"
     make_world(world, seed=seed, n_train=images, n_val=8, n_test=8, n_holdout=8, progress=False)
-    tokenizer = train_world_tokenizer(world_texts(world), root / "tokenizer")
-    clip_config = build_clip_config(plan.clip, len(tokenizer), 64).vision_config
-    llm_config = build_llama_config(plan.llm, tokenizer)
+    vit, llm = shipped_encoder("vit"), shipped_encoder("llm")
     torch.manual_seed(seed)
-    model, processor = build_model(clip_config, llm_config, tokenizer, "mlp2x_gelu")
+    model, processor = build_model(str(vit), str(llm), str(llm), "mlp2x_gelu")
     model.save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
     paths = [json.loads(line)["image"] for line in (world / split_files("train")["captions"]).read_text().splitlines()]

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "spatial_mllm.serving.commands",
     "spatial_mllm.weights.commands",
     "spatial_mllm.demo.commands",
+    "spatial_mllm.diagnostics.commands",
 )
 
 

@@ -1,11 +1,14 @@
-"""The demo's run: the whole LLaVA recipe, end to end, on the built-in spatial world.
+"""The demo's run: the whole LLaVA recipe, end to end, on the built-in spatial world, compared honestly.
 
-No pretrained weights can be had offline, so the demo makes everything itself: the world, a tokenizer, a tiny
-CLIP (contrastive, on object-list captions) and a tiny Llama (on the world's text). Then, for each projector, on
-the same data and seeds: stage 1 (projector only, `plain` captions), stage 2 (LoRA + projector, `vicuna_v1`
-conversations), evaluation on the test and compositional hold-out splits, and a comparison report.
-The ViT is frozen throughout, so its features are computed once and shared by every projector.
-Everything expensive is cached under the run folder: a second run reuses what has not changed.
+The encoders are the shipped ones (`encoders/shipped`: a ViT whose patches say what lies under them, a Llama that
+answers the world's questions from a written description), or pretrained in the run with `train_encoders`. Then,
+for each projector and each training seed, on the same data: stage 1 (projector only, `plain` captions), stage 2
+(LLM + projector, `vicuna_v1` conversations), evaluation on the test and compositional hold-out splits. Beside
+them: the blind control (the baseline's recipe with every image replaced by another sample's, in training and in
+evaluation: what is reachable without seeing) and the text ceiling (the LLM given the scene in words). The report
+compares them question by question with intervals (evaluation.comparison).
+The ViT is frozen throughout, so its features are computed once and shared by every projector. Everything
+expensive is cached under the run folder: a second run reuses what has not changed.
 """
 
 from __future__ import annotations
@@ -13,91 +16,87 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .plan import DEFAULT, DEMO_PROJECTORS, DemoPlan
+from .plan import BLIND_PROJECTOR, DEFAULT, DEMO_PROJECTORS, DemoPlan
 
 logger = logging.getLogger(__name__)
+BLIND_ARM = "blind"
 
 
 def log(message: str) -> None:
     logger.info(message)
 
 
-# --- steps -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalSet:
+    """The questions of one split's first images, as files: what every arm is asked (the blind control with
+    `blind_images` as its image folder: the same files, each image replaced by another of the split)."""
+
+    split: str
+    questions: Path
+    answer_key: Path
+    blind_images: Path
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------------
 
 
 def make_world_once(out: Path, plan: DemoPlan, seed: int) -> Path:
+    from ..cache import cached_folder, digest
     from .world import make_world
-    from .world.make import MANIFEST
+    from .world.make import WORLD_VERSION
 
-    world = out / "world"
-    wanted = {"seed": seed, **plan.world}
-    manifest = world / MANIFEST
-    if manifest.is_file():
-        have = json.loads(manifest.read_text())
-        counts = have.get("counts", {})
-        same = have.get("seed") == seed and all(
-            counts.get(key[2:]) == value for key, value in plan.world.items()
-        )
-        if same:
-            log(f"world: reusing {world}")
-            return world
-    log(f"world: generating {wanted}")
-    make_world(world, seed=seed, overwrite=True, progress=True, **plan.world)
-    return world
+    def build(folder: Path) -> None:
+        log(f"world: generating seed {seed}, {plan.world}")
+        make_world(folder, seed=seed, overwrite=True, progress=True, **plan.world)
+
+    entry = cached_folder(out / "cache", "world", digest(WORLD_VERSION, seed, plan.world), build)
+    if entry.reused:
+        log(f"world: reusing {entry.path}")
+    return entry.path
 
 
-def tokenizer_once(out: Path, world: Path):
-    from transformers import AutoTokenizer
-
-    from .tokenizer import train_world_tokenizer, world_texts
-
-    folder = out / "cache" / "tokenizer"
-    stamp = folder / "world.json"
-    if not (stamp.is_file() and stamp.read_bytes() == (world / "world.json").read_bytes()):
-        log("tokenizer: training a byte-level BPE on the world's text")
-        if folder.exists():
-            shutil.rmtree(folder)
-        train_world_tokenizer(world_texts(world), folder)
-        shutil.copyfile(world / "world.json", stamp)
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def split_images(world: Path, split: str) -> tuple[list[str], list[str]]:
-    """(image paths relative to the world folder, object-list captions) of one split."""
+def split_images(world: Path, split: str) -> list[str]:
+    """Image paths (relative to the world folder) of one split, in the world's order."""
     from .world.make import split_files
 
-    paths, captions = [], []
     with (world / split_files(split)["captions"]).open() as handle:
-        for line in handle:
-            record = json.loads(line)
-            paths.append(record["image"])
-            captions.append(record["caption"])
-    return paths, captions
+        return [json.loads(line)["image"] for line in handle]
 
 
-def pretrain_encoders(out: Path, world: Path, tokenizer, plan: DemoPlan) -> tuple[Path, Path, dict[str, float]]:
-    from .pretrain_llm import conversation_texts, pretrain_llm_cached
-    from .pretrain_vision import pretrain_clip_cached
+def encoders(out: Path, plan: DemoPlan, train: bool) -> tuple[Path, Path, dict[str, Any]]:
+    """(ViT folder, LLM folder with its tokenizer, their pretraining metrics): shipped, or pretrained here (cached)."""
+    if not train:
+        from .encoders.shipped import read_manifest, shipped_encoder
+
+        manifest = read_manifest()
+        log("encoders: the shipped ViT and LLM")
+        metrics = {f"{name}_{key}": value for name in ("vit", "llm") for key, value in manifest[name]["metrics"].items()}
+        return shipped_encoder("vit"), shipped_encoder("llm"), metrics
+    from ..cache import code_version, digest
+    from .encoders import dense_vit, description_llm
+    from .pretraining import cached_pretraining
 
     cache = out / "cache"
-    paths, captions = split_images(world, "train")
-    clip = pretrain_clip_cached(cache, [world / p for p in paths], captions, tokenizer, plan.clip, log=log)
-    texts = []
-    for name in ("llava_stage1_train.json", "llava_stage2_train.json"):
-        texts += conversation_texts(world / name, tokenizer, world, "vicuna_v1")
-    llm = pretrain_llm_cached(cache, texts, tokenizer, plan.llm, log=log)
-    metrics = {f"clip_{k}": v for k, v in clip.metrics.items()} | {f"llm_{k}": v for k, v in llm.metrics.items()}
-    return clip.path, llm.path, metrics
+    vit = cached_pretraining(cache, "vit", digest(dataclasses.asdict(plan.vit), code_version(dense_vit.__file__)),
+                             lambda folder: dense_vit.pretrain_vit(folder, plan.vit, log=log))
+    llm = cached_pretraining(
+        cache, "llm", digest(dataclasses.asdict(plan.llm), code_version(description_llm.__file__)),
+        lambda folder: description_llm.pretrain_description_llm(folder, plan.llm, log=log),
+    )
+    metrics = {f"vit_{k}": v for k, v in vit.metrics.items()} | {f"llm_{k}": v for k, v in llm.metrics.items()}
+    return vit.path, llm.path, metrics
 
 
-def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> tuple[int, ...]:
+def feature_layers(vit: Path, projectors: tuple[str, ...], plan: DemoPlan) -> tuple[int, ...]:
     """The union of the ViT layers the projectors read (projectors built on the meta device: nothing allocated)."""
     from transformers import AutoConfig
 
@@ -105,7 +104,7 @@ def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> t
     from ..vision.tower import VisionTower, vision_config_of
 
     with torch.device("meta"):
-        geometry = VisionTower.from_config(vision_config_of(AutoConfig.from_pretrained(clip))).geometry
+        geometry = VisionTower.from_config(vision_config_of(AutoConfig.from_pretrained(vit))).geometry
         layers = {
             layer
             for name in projectors
@@ -114,32 +113,102 @@ def feature_layers(clip: Path, projectors: tuple[str, ...], plan: DemoPlan) -> t
     return tuple(sorted(layers))
 
 
-def cache_features(out: Path, world: Path, clip: Path, layers: tuple[int, ...]):
+def cache_features(out: Path, world: Path, vit: Path, layers: tuple[int, ...]):
     from ..model import ImageTransform, image_processor_for
     from ..training.feature_cache import cache_vision_features
     from ..vision import VisionTower
 
-    tower = VisionTower.from_pretrained(str(clip))
-    transform = ImageTransform(image_processor_for(str(clip)))  # what the models' processors will do
-
-    paths = []
-    for split in ("train", "val", "test", "holdout"):
-        paths += split_images(world, split)[0]
+    tower = VisionTower.from_pretrained(str(vit))
+    transform = ImageTransform(image_processor_for(str(vit)))  # what the models' processors will do
+    paths = [path for split in ("train", "val", "test", "holdout") for path in split_images(world, split)]
     log(f"vision features: {len(paths)} images, ViT layers {layers}")
     return cache_vision_features(tower, paths, transform, layers, out / "cache" / "vision_features.safetensors",
                                  image_root=world, dtype="float32")
 
 
-def instruct_mix(world: Path, out: Path, split: str = "train") -> Path:
+def derangement(items: list[Any], rng: random.Random) -> dict[Any, Any]:
+    """item -> another item, a permutation without fixed points (a shuffled cycle), for replacing images."""
+    if len(set(items)) < 2:
+        raise ValueError("a blind control needs at least two distinct images")
+    order = sorted(set(items))
+    rng.shuffle(order)
+    return {item: order[(index + 1) % len(order)] for index, item in enumerate(order)}
+
+
+def instruct_mix(world: Path, out: Path, split: str = "train", blind: bool = False) -> Path:
     """Stage-2 data as LLaVA-665K mixes it: the conversations plus the detailed descriptions (as LLaVA's
-    detail_23k), which carry most of what ties the image to the words."""
+    detail_23k), which carry most of what ties the image to the words. Blind: every record's image is replaced
+    by another record's (the text is kept)."""
+    from ..files import write_text
+
     records = []
     for name in (f"llava_stage2_{split}.json", f"llava_stage1_{split}.json"):
         records += json.loads((world / name).read_text())
+    suffix = "" if split == "train" else f"_{split}"
+    if blind:
+        records = blind_records(records, f"blind-{split}")
+        suffix += "_blind"
+    return write_text(out / "data" / f"llava_stage2_mix{suffix}.json", json.dumps(records))
+
+
+def blind_records(records: list[dict[str, Any]], seed: str) -> list[dict[str, Any]]:
+    """The records with each image replaced by another record's image (deterministic)."""
+    swap = derangement([record["image"] for record in records if "image" in record], random.Random(seed))
+    return [dict(record, image=swap[record["image"]]) if "image" in record else record for record in records]
+
+
+def blind_stage1(world: Path, out: Path) -> Path:
     from ..files import write_text
 
-    mix = out / "data" / ("llava_stage2_mix.json" if split == "train" else f"llava_stage2_mix_{split}.json")
-    return write_text(mix, json.dumps(records))
+    records = json.loads((world / "llava_stage1_train.json").read_text())
+    return write_text(out / "data" / "llava_stage1_blind.json", json.dumps(blind_records(records, "blind-stage1")))
+
+
+def eval_set(world: Path, out: Path, split: str, plan: DemoPlan) -> EvalSet:
+    """The questions of the split's first `plan.eval_images` images as files, and the blind control's image folder."""
+    from ..evaluation.records import read_jsonl
+    from ..files import write_text
+    from .world.make import split_files
+
+    files = split_files(split)
+    images = split_images(world, split)[: plan.eval_images]
+    chosen = set(images)
+    paths = {}
+    for kind in ("questions", "answer_key"):
+        rows = [row for row in read_jsonl(world / files[kind]) if row["image"] in chosen]
+        paths[kind] = write_text(out / "data" / f"{split}_{kind}.jsonl",
+                                 "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    blind = out / "data" / f"{split}_blind_images"
+    swap = derangement(images, random.Random(f"blind-eval-{split}"))
+    for image, replacement in swap.items():
+        target = blind / image
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(world / replacement, target)
+    return EvalSet(split, paths["questions"], paths["answer_key"], blind)
+
+
+def text_ceiling(llm: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
+    """The LLM's scores on the same questions with the scene description in place of the image (TextCeiling dict)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..cache import file_digest
+    from ..diagnostics.text_accuracy import text_scores
+    from ..evaluation.records import read_jsonl
+    from ..evaluation.text_ceiling import TextCeiling
+
+    model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(llm))
+    found = {}
+    for name, with_description in (("with_description", True), ("without_description", False)):
+        found[name] = text_scores(model, tokenizer, world, questions.split, None, with_description,
+                                  questions=list(read_jsonl(questions.questions)))
+    ceiling = TextCeiling.from_scores(found["with_description"], str(llm), file_digest(questions.questions))
+    log(f"text ceiling: {found['with_description']['overall']:.1%} with the description, "
+        f"{found['without_description']['overall']:.1%} without")
+    return {"ceiling": ceiling, "scores": found}
+
+
+# --- training and evaluation -----------------------------------------------------------------------------------------
 
 
 def stage_config(stage: str, plan: DemoPlan, out_dir: Path, train_json: Path, world: Path, seed: int, **fields: Any):
@@ -196,25 +265,15 @@ def train_stage(config, features) -> Path:
     return train(config, CachedFeatureDataset(base, features, layers))
 
 
-def evaluate(model, processor, model_dir: Path, world: Path, split: str, plan: DemoPlan, name: str,
-             out: Path) -> dict[str, Any]:
-    """The questions of the split's first `plan.eval_images` images, answered and scored; returns the scores."""
-    from .world.make import split_files
+def evaluate(model, processor, model_dir: Path, world: Path, questions: EvalSet, name: str, out: Path,
+             blind: bool) -> dict[str, Any]:
+    """The eval set's questions answered (from each question's own image, or blind from another's) and scored."""
     from ..evaluation.evaluate import evaluate_questions
-    from ..evaluation.records import read_jsonl
 
-    files = split_files(split)
-    images = set(split_images(world, split)[0][: plan.eval_images])
-    out.mkdir(parents=True, exist_ok=True)
-    subsets = {}
-    for kind in ("questions", "answer_key"):
-        subsets[kind] = out / f"{split}_{kind}.jsonl"
-        rows = [r for r in read_jsonl(world / files[kind]) if r["image"] in images]
-        subsets[kind].write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     evaluation = evaluate_questions(
-        model, processor, subsets["questions"], world, out / f"{split}_answers.jsonl",
-        answer_key=subsets["answer_key"], name=name, model_dir=model_dir, batch_size=32, max_new_tokens=4,
-        overwrite=True, progress=False,  # the demo's own files, remade when its models change
+        model, processor, questions.questions, questions.blind_images if blind else world,
+        out / f"{questions.split}_answers.jsonl", answer_key=questions.answer_key, name=name, model_dir=model_dir,
+        batch_size=32, max_new_tokens=4, overwrite=True, progress=False,  # the demo's own files, remade with its models
     )
     return evaluation.scores
 
@@ -223,7 +282,7 @@ def measure_latency(model, processor, world: Path, plan: DemoPlan) -> dict[str, 
     """Prefill + 4 greedy tokens per sample, batch 1, from pixels (ViT included), median over samples."""
     from PIL import Image
 
-    paths = split_images(world, "test")[0][: plan.latency_samples]
+    paths = split_images(world, "test")[: plan.latency_samples]
     prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhere is the red circle?"}],
                                            add_generation_prompt=True)
     times = []
@@ -251,35 +310,46 @@ def measure_image_reliance(model, processor, val_data: Path, world: Path, featur
     return image_reliance(model, dataset, make_collator(processor)).to_dict()
 
 
-def run_projector(name: str, out: Path, world: Path, data: dict[str, Path], clip: Path, llm: Path,
-                  tokenizer_dir: Path, features, plan: DemoPlan, seed: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Arm:
+    """One recipe of the comparison: a projector, trained on its own images or blind."""
+
+    name: str
+    projector: str
+    blind: bool = False
+
+
+def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[str, Path], vit: Path, llm: Path,
+            features, eval_sets: dict[str, EvalSet], plan: DemoPlan) -> dict[str, Any]:
+    """Train one arm with one seed, evaluate it; returns the run dict (runs.py) with the test split's scores at top
+    level and the hold-out split's under "holdout"."""
     from ..model.loading import load_for_inference
 
-    folder = out / name
-    options = plan.projector_options.get(name, {})
-    model_fields = {"model.vision": clip, "model.llm": llm, "model.tokenizer": tokenizer_dir, "model.projector": name,
+    name = arm.name if seeds == 1 else f"{arm.name}-seed{seed}"
+    folder = out / "runs" / f"{arm.name}-seed{seed}"
+    options = plan.projector_options.get(arm.projector, {})
+    model_fields = {"model.vision": vit, "model.llm": llm, "model.tokenizer": llm, "model.projector": arm.projector,
                     "model.projector_options": options}
-    stage1 = train_stage(stage_config("align", plan, folder / "stage1", world / "llava_stage1_train.json", world, seed,
-                                      **model_fields), features)
-    stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", data["train"], world, seed,
-                                      **{"stage.init_from": stage1, "model.projector": None}), features)
-    # Loaded once for the facts, image reliance, evaluation and latency.
-    model, processor = load_for_inference(stage2)
-    result: dict[str, Any] = {
-        "name": name,
-        "projector": name,
-        "visual_tokens": model.num_image_tokens,
-        "projector_parameters": sum(p.numel() for p in model.projector.parameters()),
+    stage1 = train_stage(stage_config("align", plan, folder / "stage1", data["stage1_blind" if arm.blind else "stage1"],
+                                      world, seed, **model_fields), features)
+    stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", data["train_blind" if arm.blind else "train"],
+                                      world, seed, **{"stage.init_from": stage1, "model.projector": None}), features)
+    model, processor = load_for_inference(stage2)  # loaded once for the facts, evaluation and latency
+    facts: dict[str, Any] = {
+        "arm": arm.name,
+        "seed": seed,
+        "control": "blind" if arm.blind else None,
         "final_loss_stage1": last_loss(stage1),
         "final_loss_stage2": last_loss(stage2),
         "image_reliance": measure_image_reliance(model, processor, data["val"], world, features),
     }
-    for split in ("test", "holdout"):
-        scores = evaluate(model, processor, stage2, world, split, plan, name, folder / "eval")
-        result[split] = {key: scores[key] for key in ("overall", "categories", "counts", "answered", "tokens_per_second")}
-    result.update(result["test"])  # the report's main columns are the test split's
-    result.update(measure_latency(model, processor, world, plan))
-    return result
+    scores = {split: evaluate(model, processor, stage2, world, eval_sets[split], name, folder / "eval", arm.blind)
+              for split in eval_sets}
+    facts.update(measure_latency(model, processor, world, plan))
+    test = scores["test"] | facts
+    test["holdout"] = scores["holdout"] | facts
+    log(f"{name}: test {test['overall']:.1%}, hold-out {test['holdout']['overall']:.1%}")
+    return test
 
 
 def last_loss(stage_dir: Path) -> float:
@@ -288,36 +358,55 @@ def last_loss(stage_dir: Path) -> float:
     return json.loads((stage_dir / METRICS_FILE).read_text().splitlines()[-1])["loss"]
 
 
-def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS) -> Path:
+def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS,
+             seeds: int = 1, train_encoders: bool = False, blind: bool = True) -> Path:
+    """Run the comparison (training seeds seed..seed+seeds-1 on the world of `seed`) and write the reports:
+    out/report (test split) and out/report/holdout (compositional hold-out). Returns out/report."""
     from transformers.utils import logging as transformers_logging
 
+    from ..evaluation.comparison import compare_runs
     from ..evaluation.report import write_report
+    from ..files import write_json
 
     transformers_logging.disable_progress_bar()  # one bar per weight load would bury the demo's own progress
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(seed)
     world = make_world_once(out, plan, seed)
-    instruct_data = {split: instruct_mix(world, out, split) for split in ("train", "val")}
-    tokenizer = tokenizer_once(out, world)
-    tokenizer_dir = out / "cache" / "tokenizer"
-    clip, llm, pretrain_metrics = pretrain_encoders(out, world, tokenizer, plan)
-    features = cache_features(out, world, clip, feature_layers(clip, projectors, plan))
-    results = []
-    for name in projectors:
-        log(f"--- {name} ---")
-        results.append(run_projector(name, out, world, instruct_data, clip, llm, tokenizer_dir, features, plan, seed))
-    paths = write_report(results, out / "report", overwrite=True)  # a rerun replaces its own report
+    vit, llm, pretrain_metrics = encoders(out, plan, train_encoders)
+    data = {"stage1": world / "llava_stage1_train.json", "train": instruct_mix(world, out, "train"),
+            "val": instruct_mix(world, out, "val")}
+    if blind:
+        data |= {"stage1_blind": blind_stage1(world, out), "train_blind": instruct_mix(world, out, "train", blind=True)}
+    eval_sets = {split: eval_set(world, out, split, plan) for split in ("test", "holdout")}
+    ceilings = {split: text_ceiling(llm, world, eval_sets[split]) for split in eval_sets}
+    features = cache_features(out, world, vit, feature_layers(vit, projectors, plan))
+    arms = [Arm(name, name) for name in projectors] + ([Arm(BLIND_ARM, BLIND_PROJECTOR, blind=True)] if blind else [])
+    runs = []
+    for training_seed in range(seed, seed + seeds):
+        for arm in arms:
+            log(f"--- {arm.name}, seed {training_seed} ---")
+            runs.append(run_arm(arm, training_seed, seeds, out, world, data, vit, llm, features, eval_sets, plan))
+    report = out / "report"
+    write_report(compare_runs(runs, text_ceiling=ceilings["test"]["ceiling"]), report, overwrite=True)
+    write_report(compare_runs([run["holdout"] for run in runs], text_ceiling=ceilings["holdout"]["ceiling"]),
+                 report / "holdout", overwrite=True)  # a rerun replaces its own reports
     summary = {
         "plan": dataclasses.asdict(plan),
         "seed": seed,
+        "seeds": seeds,
+        "encoders": {"vit": str(vit), "llm": str(llm), "trained_in_run": train_encoders},
         "seconds": time.perf_counter() - started,
         "pretraining": pretrain_metrics,
-        "runs": results,
+        "text_only": {split: {name: {key: scores[key] for key in ("overall", "categories", "counts")}
+                              for name, scores in found["scores"].items()} for split, found in ceilings.items()},
+        "runs": [{key: value for key, value in run.items() if key != "per_question"} for run in runs],
     }
-    (out / "report" / "demo.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    log(f"done in {summary['seconds']:.0f} s; report in {out / 'report'}")
-    return out / "report"
+    write_json(report / "demo.json", summary)
+    log(f"done in {summary['seconds']:.0f} s; report in {report}")
+    return report
 
 
 __all__ = ["run_demo"]

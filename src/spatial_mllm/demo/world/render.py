@@ -22,7 +22,7 @@ def render_scene(scene: Scene) -> Image.Image:
     big = Image.new("RGB", (scene.width * SUPERSAMPLE, scene.height * SUPERSAMPLE), (scene.background,) * 3)
     draw = ImageDraw.Draw(big)
     for obj in scene.objects:
-        _draw_object(draw, obj)
+        draw_object(draw, obj)
     image = big.resize((scene.width, scene.height), Image.Resampling.BOX)
     return _add_noise(image, random.Random(scene.noise_seed))
 
@@ -33,15 +33,17 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: WorldObject) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: WorldObject, fill: int | tuple[int, ...] | None = None) -> None:
+    """Draws `obj` at the renderer's supersampled scale, in its own colour or in `fill` (e.g. a label value)."""
     s = SUPERSAMPLE
     cx, cy, r = obj.x * s, obj.y * s, obj.r * s
+    fill = obj.rgb if fill is None else fill
     if obj.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=obj.rgb)
+        draw.ellipse((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=fill)
     elif obj.shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=obj.rgb)
+        draw.rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=fill)
     else:
-        draw.polygon(_outline(obj.shape, cx, cy, r), fill=obj.rgb)
+        draw.polygon(_outline(obj.shape, cx, cy, r), fill=fill)
 
 
 def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

@@ -1,0 +1,75 @@
+"""`spatial-mllm diagnose`: argument parsing and printing for `diagnose_vision` / `diagnose_llm`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..files import check_output, write_json
+from .diagnose import diagnose_llm, diagnose_vision, read_world_path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "diagnose",
+        help="probe a ViT's patches and an LLM's text-only accuracy on the built-in world",
+        description=(
+            "For a ViT folder: linear probes (fit on the world's train images, scored on --split) of the colour, "
+            "shape and size of each object from the patch under its centre, per hidden state the projectors read, "
+            "beside the majority class. For an LLM folder (with its tokenizer): accuracy on the split's questions "
+            "from text alone, with the written scene description in place of the image and without it."
+        ),
+    )
+    parser.add_argument("--world", required=True, help="a world folder (spatial-mllm data make-world)")
+    parser.add_argument("--vision", help="a CLIP/SigLIP vision folder or hub name to probe")
+    parser.add_argument("--llm", help="a causal LM folder (model + tokenizer) to ask the questions")
+    parser.add_argument("--layers", type=int, nargs="+", help="hidden-state indices (default: those projectors read)")
+    parser.add_argument("--split", default="test", choices=("val", "test", "holdout"))
+    parser.add_argument("--fit-images", type=int, default=1000, help="train images the probes are fit on")
+    parser.add_argument("--images", type=int, default=300, help="split images probed / asked about")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(func=_diagnose)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    if not (args.vision or args.llm):
+        raise ValueError("give --vision, --llm or both")
+    world = read_world_path(args.world)
+    if args.out:
+        check_output(args.out, "--out", overwrite=args.overwrite)
+    result = {}
+    if args.vision:
+        result["vision"] = diagnose_vision(args.vision, world, tuple(args.layers) if args.layers else None,
+                                           args.fit_images, args.images, args.split)
+        _print_probes(result["vision"])
+    if args.llm:
+        result["llm"] = diagnose_llm(args.llm, world, args.split, args.images)
+        _print_text(result["llm"])
+    if args.out:
+        write_json(Path(args.out), result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _print_probes(found: dict) -> None:
+    objects = ", ".join(f"{split} {count}" for split, count in found["objects"].items())
+    print(f"per-patch probes of {found['vision']} (objects: {objects})")
+    print(f"{'hidden state':>12} {'colour':>7} {'shape':>7} {'size':>7}  read by")
+    for layer, accuracy in found["layers"].items():
+        readers = ", ".join(name for name, layers in found["read_by"].items() if int(layer) in layers) or "-"
+        print(f"{layer:>12} {accuracy['color']:>7.1%} {accuracy['shape']:>7.1%} {accuracy['size']:>7.1%}  {readers}")
+    majority = found["majority"]
+    print(f"{'majority':>12} {majority['color']:>7.1%} {majority['shape']:>7.1%} {majority['size']:>7.1%}")
+
+
+def _print_text(found: dict) -> None:
+    with_text, without = found["with_description"], found["without_description"]
+    total = with_text["counts"]["overall"]["total"]
+    print(f"text-only accuracy of {found['llm']} on {total} {found['split']} questions")
+    print(f"{'category':>14} {'with description':>17} {'without':>8}")
+    for category in sorted(with_text["categories"]):
+        print(f"{category:>14} {with_text['categories'][category]:>17.1%} {without['categories'][category]:>8.1%}")
+    print(f"{'overall':>14} {with_text['overall']:>17.1%} {without['overall']:>8.1%}")
+    print(json.dumps({"with_description": with_text["overall"], "without_description": without["overall"]}))

@@ -1,0 +1,88 @@
+"""The LLM alone on a world's questions: with the written scene description in place of the image (the ceiling a
+multimodal model can reach through this LLM) and without it (the answer prior: what the question alone gives)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..model.chat_templates import resolve_chat_template
+from ..model.configuration import IMAGE_TOKEN
+from ..model.conversation import ConversationEncoder
+from ..demo.world.make import split_files
+from ..evaluation.metrics import score_answers
+from ..evaluation.records import read_jsonl
+from ..demo.encoders.description import describe_scene
+from .probe import read_scenes
+
+
+def question_prompts(world: str | os.PathLike, split: str, images: int | None = None) -> tuple[list[dict], list[dict], dict]:
+    """(questions, answer-key records, scene by image path) of the split's first `images` images."""
+    world = Path(world)
+    files = split_files(split)
+    if "questions" not in files:
+        raise ValueError(f"split {split!r} has no evaluation questions; use val, test or holdout")
+    scenes = {scene.image: scene for scene in read_scenes(world, split, images)}
+    questions = [q for q in read_jsonl(world / files["questions"]) if q["image"] in scenes]
+    keys = [k for k in read_jsonl(world / files["answer_key"]) if k["image"] in scenes]
+    return questions, keys, scenes
+
+
+def user_turn(question: dict, scene, with_description: bool) -> str:
+    """The first user turn: the description where the image would go (LLaVA's `<image>\\n` position), or nothing."""
+    if IMAGE_TOKEN in question["text"]:
+        raise ValueError(f"question {question['question_id']!r} already holds {IMAGE_TOKEN}")
+    return f"{describe_scene(scene)}\n{question['text']}" if with_description else question["text"]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, template: str = "vicuna_v1") -> list[int]:
+    """Token ids of a one-turn prompt in `template`, up to the assistant's turn, tokenised as training tokenises."""
+    encoder = ConversationEncoder(tokenizer, resolve_chat_template(template, tokenizer), 1)
+    text, _ = encoder.render([{"role": "user", "content": user_text}], add_generation_prompt=True)
+    return encoder.encode_text(text)
+
+
+@torch.inference_mode()
+def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                   batch_size: int = 64, max_new_tokens: int = 4) -> list[str]:
+    """Greedy continuations of token-id prompts, left-padded in batches, decoded without special tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
+    return answers
+
+
+def text_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
+                split: str = "test", images: int | None = 100, with_description: bool = True,
+                template: str = "vicuna_v1", batch_size: int = 64, questions: list[dict] | None = None) -> dict:
+    """`score_answers` of the LLM answering the split's questions (of its first `images` images, or exactly
+    `questions` when given) from the text alone, with or without the scene description in place of the image."""
+    chosen, keys, scenes = question_prompts(world, split, images if questions is None else None)
+    if questions is not None:
+        wanted = {q["question_id"] for q in questions}
+        chosen, keys = questions, [k for k in keys if k["question_id"] in wanted]
+    missing = [q["image"] for q in chosen if q["image"] not in scenes]
+    if missing:
+        raise ValueError(f"{len(missing)} questions name images that are not {split} scenes of {world}, "
+                         f"e.g. {missing[0]}")
+    prompts = [prompt_ids(tokenizer, user_turn(q, scenes[q["image"]], with_description), template) for q in chosen]
+    was_training = model.training
+    model.eval()
+    answers = greedy_answers(model, tokenizer, prompts, batch_size)
+    model.train(was_training)
+    records = [{"question_id": q["question_id"], "text": a} for q, a in zip(chosen, answers)]
+    return score_answers(records, keys, f"{split} answers", f"{split} answer key")
+
+
+__all__ = ["greedy_answers", "prompt_ids", "question_prompts", "text_scores"]

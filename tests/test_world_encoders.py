@@ -1,0 +1,245 @@
+"""The built-in world's encoders: dense ViT pretraining and its patch targets, the description LLM (corpus,
+phrase tokenizer, packing), the shipped weights and their manifest, and the diagnostics that measure them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from spatial_mllm.cli import main
+from spatial_mllm.demo.encoders.dense_vit import VitPretrainConfig, pretrain_vit, pretraining_scenes, render_pixels
+from spatial_mllm.demo.encoders.description import describe_scene
+from spatial_mllm.demo.encoders.description_llm import (
+    DescriptionLlmConfig,
+    build_corpus,
+    pack_conversations,
+    pretrain_description_llm,
+    world_scenes,
+)
+from spatial_mllm.demo.encoders.patch_labels import BACKGROUND, centre_patch, dense_targets, label_map, patch_objects
+from spatial_mllm.demo.encoders.phrase_tokenizer import train_phrase_tokenizer
+from spatial_mllm.demo.encoders.shipped import SHIPPED_DIR, read_manifest, shipped_encoder
+from spatial_mllm.demo.world import make_world
+from spatial_mllm.demo.world.render import SUPERSAMPLE
+from spatial_mllm.demo.world.scene import COLORS, SHAPES, Scene, WorldObject
+from spatial_mllm.diagnostics.diagnose import diagnose_vision
+from spatial_mllm.model.chat_templates import VICUNA_V1
+from spatial_mllm.model.conversation import IGNORE_INDEX
+from spatial_mllm.vision import VisionTower
+
+TINY_VIT = dict(canvas=48, patch_size=12, width=32, layers=2, heads=2, head_layers=(1, 2), scenes=64, held_out=16,
+                batch_size=16, warmup_steps=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """A demo-style world large enough for probes: 200 train and 40 test images."""
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, seed=3, n_train=200, n_val=4, n_test=40, n_holdout=4, progress=False, overwrite=True)
+    return out
+
+
+def two_object_scene() -> Scene:
+    obj = lambda shape, color, size, x, y, r: WorldObject(shape, color, size, x, y, r, COLORS[color])  # noqa: E731
+    return Scene("train_000000", "train", 96, 96, 40, 1,
+                 (obj("square", "red", "large", 20, 30, 14), obj("circle", "blue", "small", 70, 75, 8)))  # fmt: skip
+
+
+# --- what lies under each patch --------------------------------------------------------------------------------------
+def test_patch_targets_name_the_object_under_each_patch():
+    scene = two_object_scene()
+    labels = label_map(scene)
+    assert labels.shape == (96 * SUPERSAMPLE, 96 * SUPERSAMPLE)
+    square = labels == 1
+    # The square is drawn on exactly its box (x-r .. x+r-1, supersampled); nothing else is object 1.
+    rows, cols = np.nonzero(square)
+    assert (cols.min(), cols.max() + 1) == ((20 - 14) * SUPERSAMPLE, (20 + 14) * SUPERSAMPLE)
+    assert (rows.min(), rows.max() + 1) == ((30 - 14) * SUPERSAMPLE, (30 + 14) * SUPERSAMPLE)
+    owners = patch_objects(scene, 8)
+    assert owners[centre_patch(20, 30, 96, 96, 8)] == 0 and owners[centre_patch(70, 75, 96, 96, 8)] == 1
+    assert owners[0] == BACKGROUND and owners[7] == BACKGROUND  # top corners are empty
+    targets = dense_targets([scene], 8)
+    patch = centre_patch(70, 75, 96, 96, 8)
+    assert targets.color[0, patch] == 1 + list(COLORS).index("blue")
+    assert targets.shape[0, patch] == 1 + SHAPES.index("circle")
+    assert targets.centre_x[0, patch] == pytest.approx(70 / 96) and targets.centre_y[0, patch] == pytest.approx(75 / 96)
+    assert targets.color[0, 0] == 0 and targets.centre_x[0, 0] == -1
+
+
+def test_description_lists_objects_left_to_right_on_a_tenths_grid():
+    assert describe_scene(two_object_scene()) == (
+        "There are two objects: a large red square at x 2 y 3; a small blue circle at x 7 y 7."
+    )
+
+
+# --- dense ViT pretraining -------------------------------------------------------------------------------------------
+def test_dense_vit_pretraining_learns_and_saves_a_clip_folder(tmp_path):
+    result = pretrain_vit(tmp_path / "vit", steps=150, lr=5e-3, **TINY_VIT)
+    metrics = result.metrics
+    assert metrics["final_loss"] < 0.4 * metrics["initial_loss"]
+    # the tiny tower already tells colours apart per patch far above the 8-colour chance
+    assert metrics["held_out_patch_color_accuracy"] > 0.7
+    tower = VisionTower.from_pretrained(str(tmp_path / "vit"))
+    assert tower.geometry.grid == 4 and tower.config.hidden_size == 32
+    assert AutoImageProcessor.from_pretrained(tmp_path / "vit").crop_size["height"] == 48
+    record = json.loads((tmp_path / "vit" / "pretraining.json").read_text())
+    assert record["config"]["steps"] == 150 and record["config"]["world_seed"] == 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["vit"]  # written whole: no staging folder left
+
+
+def test_dense_vit_pretraining_is_deterministic_by_seed(tmp_path):
+    first = pretrain_vit(tmp_path / "a", steps=3, **TINY_VIT)
+    again = pretrain_vit(tmp_path / "b", steps=3, **TINY_VIT)
+    other = pretrain_vit(tmp_path / "c", steps=3, seed=1, **TINY_VIT)
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}
+    assert weights["a"] == weights["b"] != weights["c"]
+    assert first.metrics["final_loss"] == again.metrics["final_loss"] != other.metrics["final_loss"]
+
+
+def test_pretraining_world_is_not_the_demo_world():
+    config = VitPretrainConfig()
+    pretraining = {scene.objects for scene in pretraining_scenes(config, 20)}
+    demo = {scene.objects for scene in world_scenes(0, 20)}
+    assert not pretraining & demo
+    assert render_pixels(pretraining_scenes(config, 2)).shape == (2, 3, 96, 96)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        VitPretrainConfig(canvas=100, patch_size=12)
+
+
+# --- description LLM ---------------------------------------------------------------------------------------------
+def test_phrase_tokenizer_keeps_world_words_whole_and_is_lossless(tmp_path):
+    config = DescriptionLlmConfig(scenes=40)
+    corpus = build_corpus(world_scenes(5, 40), config, 5)
+    texts, _ = render_jinja_template(conversations=corpus, chat_template=VICUNA_V1, bos_token="<s>", eos_token="</s>")
+    tokenizer = train_phrase_tokenizer(texts, tmp_path / "tok", vocab_size=600)
+    text = "USER: Is there a red triangle? ASSISTANT: yes</s>"
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert "Ġred" in pieces and "Ġtriangle" in pieces and "ASSISTANT:" in pieces
+    for sample in (text, "Größe 17 × ✓", texts[0]):
+        assert tokenizer.decode(tokenizer(sample, add_special_tokens=False)["input_ids"]) == sample
+    assert tokenizer.convert_tokens_to_ids("<image>") != tokenizer.unk_token_id
+
+
+def test_packing_keeps_conversations_whole():
+    encoded = [([n] * length, [n] * length) for n, length in enumerate((5, 4, 3, 6, 2), start=1)]
+    input_ids, labels = pack_conversations(encoded, 8, pad_id=0)
+    rows = [[token for token in row.tolist() if token] for row in input_ids]
+    assert rows == [[1] * 5, [2] * 4 + [3] * 3, [4] * 6 + [5] * 2]
+    assert (labels[input_ids == 0] == IGNORE_INDEX).all()
+
+
+def test_description_llm_pretraining_saves_model_and_tokenizer(tmp_path):
+    result = pretrain_description_llm(tmp_path / "llm", steps=60, warmup_steps=2, scenes=150, held_out_scenes=4,
+                                      batch_size=8, hidden=32, intermediate=64, heads=2, kv_heads=1, vocab_size=400,
+                                      lr=1e-2)
+    assert result.metrics["final_loss"] < 0.7 * result.metrics["initial_loss"]
+    assert 0 <= result.metrics["held_out_accuracy_with_description"] <= 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
+    assert model.config.vocab_size == len(tokenizer) and model.config.hidden_size == 32
+    assert "ASSISTANT:" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                         add_generation_prompt=True)
+
+
+# --- shipped weights ---------------------------------------------------------------------------------------------
+def test_shipped_manifest_records_how_each_encoder_was_made():
+    manifest = read_manifest()
+    vit = manifest["vit"]
+    assert vit["command"].startswith("spatial-mllm world-encoders vit") and vit["environment"]["threads"] == 1
+    assert vit["config"]["world_seed"] == 1000 and vit["config"]["steps"] >= 1000
+    assert vit["metrics"]["held_out_patch_shape_accuracy"] > 0.95
+    total = sum((SHIPPED_DIR / name / file).stat().st_size for name in manifest for file in manifest[name]["files"])
+    assert total < 10 * 2**20  # a few MB
+
+
+def test_shipped_files_are_checked_against_the_manifest(tmp_path):
+    root = tmp_path / "shipped"
+    shutil.copytree(SHIPPED_DIR, root)
+    assert shipped_encoder("vit", root) == root / "vit"
+    weights = root / "vit" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors does not match its sha256"):
+        shipped_encoder("vit", root)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        shipped_encoder("vit", root)
+    with pytest.raises(ValueError, match="no shipped encoder 'clip'"):
+        shipped_encoder("clip", root)
+
+
+def test_shipped_vit_says_shape_per_patch(small_world):
+    """The shipped tower on a world it never saw: each object's shape from the one patch under its centre."""
+    found = diagnose_vision(shipped_encoder("vit"), small_world, fit_images=200, score_images=40)
+    assert found["images"] == {"train": 200, "test": 40}
+    assert set(found["layers"]) == {2, 3, 4}  # what saep (2, 3), mlp2x_gelu / LLaVA-SP (3) and c_abstractor (4) read
+    assert found["read_by"]["mlp2x_gelu"] == [3] and found["read_by"]["saep"] == [2, 3]
+    for layer in (2, 3):
+        assert found["layers"][layer]["shape"] > 0.9 > found["majority"]["shape"] + 0.5
+        assert found["layers"][layer]["color"] > 0.95
+
+
+def test_probe_of_a_random_tower_stays_near_chance_on_shape(small_world, tmp_path):
+    """The control for the probe itself: an untrained tower's patches do not give shape away."""
+    pretrain_vit(tmp_path / "untrained", steps=1, lr=1e-9, canvas=96, scenes=8, held_out=8, batch_size=4)
+    found = diagnose_vision(tmp_path / "untrained", small_world, layers=(3,), fit_images=200, score_images=40)
+    assert found["layers"][3]["shape"] < 0.6
+
+
+# --- commands --------------------------------------------------------------------------------------------------------
+def test_diagnose_command_prints_probes_and_writes_json(small_world, tmp_path, capsys):
+    out = tmp_path / "diagnosis.json"
+    args = ["diagnose", "--world", str(small_world), "--vision", str(shipped_encoder("vit")), "--layers", "3",
+            "--fit-images", "100", "--images", "20", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mlp2x_gelu" in printed and "majority" in printed
+    written = json.loads(out.read_text())
+    assert list(written["vision"]["layers"]) == ["3"] and written["vision"]["images"] == {"train": 100, "test": 20}
+    assert main(args) == 2  # the output exists: refused without --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["diagnose", "--world", str(small_world)]) == 2
+    assert "give --vision, --llm or both" in capsys.readouterr().err
+    assert main(["diagnose", "--world", str(tmp_path / "nowhere"), "--vision", "x"]) == 2
+    assert "world folder not found" in capsys.readouterr().err
+
+
+def test_world_encoders_command_checks_its_settings(tmp_path, capsys):
+    assert main(["world-encoders", "vit", "--out", str(tmp_path / "v"), "--set", "colour=3"]) == 2
+    assert "FIELD one of" in capsys.readouterr().err
+    assert main(["world-encoders", "vit", "--out", str(tmp_path / "v"), "--set", "steps=three"]) == 2
+    assert "is not a JSON value" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    assert main(["world-encoders", "vit", "--out", str(tmp_path / "taken")]) == 2
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    settings = ["canvas=48", "width=32", "layers=2", "heads=2", "head_layers=[1,2]", "scenes=16", "held_out=8",
+                "steps=2", "batch_size=4"]
+    assert main(["world-encoders", "vit", "--out", str(tmp_path / "v"), "--set", *settings]) == 0
+    assert json.loads((tmp_path / "v" / "pretraining.json").read_text())["config"]["head_layers"] == [1, 2]
+
+
+def test_rendered_world_images_are_what_the_probe_reads(small_world):
+    """The probe reads the world's PNGs; the pretraining renders in memory: the same pixels."""
+    from spatial_mllm.diagnostics.probe import read_scenes
+
+    scene = read_scenes(small_world, "test", 1)[0]
+    with Image.open(small_world / scene.image) as image:
+        on_disk = np.asarray(image.convert("RGB"))
+    assert np.array_equal(render_pixels([scene])[0].permute(1, 2, 0).numpy(), on_disk)
