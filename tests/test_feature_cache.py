@@ -15,6 +15,7 @@ from spatial_mllm.cache import cached_folder
 from spatial_mllm.model import image_processor_for
 from spatial_mllm.training.feature_cache import StaleFeatureCacheError, cache_vision_features, load_vision_features
 from spatial_mllm.vision import VisionTower
+from fixtures.training import one_thread  # noqa: F401  (autouse: one torch thread)
 from tiny import tiny_clip, tiny_model
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (240, 220, 40)}
@@ -39,15 +40,6 @@ def scene(rng: random.Random, side: int = 40) -> tuple[Image.Image, str]:
             draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=COLORS[color])
         parts.append(f"a {size} {color} {shape}")
     return image, ", ".join(parts)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine waiting threads spin (10x slower, measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

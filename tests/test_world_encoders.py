@@ -8,11 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from fixtures.training import one_thread  # noqa: F401  (autouse: one torch thread)
 from spatial_mllm.cli import main
 from spatial_mllm.demo.encoders.dense_vit import VitPretrainConfig, pretrain_vit, pretraining_scenes, render_pixels
 from spatial_mllm.demo.encoders.description import describe_scene
@@ -28,7 +28,7 @@ from spatial_mllm.demo.encoders.phrase_tokenizer import train_phrase_tokenizer
 from spatial_mllm.demo.encoders.shipped import SHIPPED_DIR, read_manifest, shipped_encoder
 from spatial_mllm.demo.world import make_world
 from spatial_mllm.demo.world.render import SUPERSAMPLE
-from spatial_mllm.demo.world.scene import COLORS, SHAPES, Scene, WorldObject
+from spatial_mllm.demo.world.scene import COLORS, SHAPES, Scene, WorldConfig, WorldObject
 from spatial_mllm.diagnostics.diagnose import diagnose_vision
 from spatial_mllm.model.chat_templates import VICUNA_V1
 from spatial_mllm.model.conversation import IGNORE_INDEX
@@ -36,14 +36,6 @@ from spatial_mllm.vision import VisionTower
 
 TINY_VIT = dict(canvas=48, patch_size=12, width=32, layers=2, heads=2, head_layers=(1, 2), scenes=64, held_out=16,
                 batch_size=16, warmup_steps=2)  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +109,10 @@ def test_pretraining_world_is_not_the_demo_world():
     demo = {scene.objects for scene in world_scenes(0, 20)}
     assert not pretraining & demo
     assert render_pixels(pretraining_scenes(config, 2)).shape == (2, 3, 96, 96)
+    # the compositional hold-out stays held out: no pretraining scene shows a held-out colour + shape pair
+    held = set(WorldConfig().holdout_color_shape)
+    scenes = pretraining_scenes(config, 300) + world_scenes(config.world_seed, 300)
+    assert not {(obj.color, obj.shape) for scene in scenes for obj in scene.objects} & held
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         VitPretrainConfig(canvas=100, patch_size=12)
 

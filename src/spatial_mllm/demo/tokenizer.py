@@ -44,6 +44,12 @@ def train_world_tokenizer(
     if not corpus:
         raise ValueError("no text to train the tokenizer on")
     backend.train_from_iterator([f"{VICUNA_SYSTEM} USER: question ASSISTANT: answer", *corpus], trainer)
+    return save_world_tokenizer(backend, out_dir)
+
+
+def save_world_tokenizer(backend: Tokenizer, out_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A trained BPE backend as a transformers tokenizer (<s> prepended as Llama does, the special tokens, the
+    vicuna chat template), saved to out_dir whole and loaded back from there."""
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
     )
@@ -88,4 +94,4 @@ def _load_json(path: Path, text: str, line: int) -> object:
         raise ValueError(f"{path}: not valid JSON at {where}: {err.msg}") from None
 
 
-__all__ = ["SPECIAL_TOKENS", "train_world_tokenizer", "world_texts"]
+__all__ = ["SPECIAL_TOKENS", "save_world_tokenizer", "train_world_tokenizer", "world_texts"]

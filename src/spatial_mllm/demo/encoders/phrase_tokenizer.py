@@ -16,13 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase
 
-from ...files import write_folder
-from ...model.chat_templates import VICUNA_V1
 from ...model.configuration import IMAGE_TOKEN
-from ..tokenizer import SPECIAL_TOKENS
+from ..tokenizer import SPECIAL_TOKENS, save_world_tokenizer
 from ..world.geometry import POINTS, REGIONS
 from ..world.scene import COLORS, SHAPES, SIZES
 
@@ -65,20 +63,7 @@ def train_phrase_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, voc
         max_token_length=max_token_chars,
     )
     backend.train_from_iterator(corpus, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens=[IMAGE_TOKEN],
-    )
-    tokenizer.chat_template = VICUNA_V1
-    write_folder(out_dir, tokenizer.save_pretrained)  # appears whole or not at all
-    return AutoTokenizer.from_pretrained(out_dir)
+    return save_world_tokenizer(backend, out_dir)
 
 
 __all__ = ["phrase_pre_tokenizer", "train_phrase_tokenizer", "world_words"]
