@@ -33,7 +33,10 @@ def diagnose_vision(vision: str | os.PathLike, world: str | os.PathLike, layers:
                     fit_images: int = 1000, score_images: int = 300, score_split: str = "test") -> dict[str, Any]:
     """Centre-patch probes of colour, shape and size at `layers` (default: every layer a registered projector reads),
     fit on the world's train images and scored on `score_split`'s, beside the majority-class baseline."""
-    tower = VisionTower.from_pretrained(str(vision))
+    try:
+        tower = VisionTower.from_pretrained(str(vision))
+    except OSError as err:
+        raise ValueError(f"--vision {vision}: not a vision model folder ({err})") from None
     read_by = projector_layers(tower)
     chosen = tuple(sorted(set(layers or {layer for found in read_by.values() for layer in found})))
     hidden_states = tower.config.num_hidden_layers + 1
@@ -52,8 +55,13 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
     without (the answer prior), by category."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(llm))
-    model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
+    if Path(llm).is_dir() and not (Path(llm) / "config.json").is_file():
+        raise ValueError(f"--llm {llm}: no config.json, not a causal LM folder (model and tokenizer)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(llm))
+        model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
+    except OSError as err:  # transformers' "not a folder / no config / no tokenizer" errors
+        raise ValueError(f"--llm {llm}: not a causal LM folder with its tokenizer ({err})") from None
     result: dict[str, Any] = {"llm": str(llm), "world": str(world), "split": split}
     for name, with_description in (("with_description", True), ("without_description", False)):
         scores = text_scores(model, tokenizer, world, split, images, with_description)

@@ -15,7 +15,6 @@ combination, is ever seen.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import time
@@ -28,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-from transformers.optimization import get_cosine_schedule_with_warmup
 
 from ..world.render import render_scene
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...files import write_folder
-from ..pretraining import PretrainResult, write_pretraining_record
+from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, write_pretraining_record
 from .patch_labels import ATTRIBUTES, DenseTargets, dense_targets
 
 CLASSES = {name: len(values) + 1 for name, values in ATTRIBUTES.items()}  # + background
@@ -197,32 +195,20 @@ def pretrain_vit(
         model = CLIPVisionModel(build_vision_config(config))
         heads = DenseHeads(config.width, config.head_layers)
     parameters = [*model.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    losses: list[float] = []
-    model.train()
-    for step in range(config.steps):
-        rows = torch.randint(0, len(scenes), (config.batch_size,), generator=generator)
+
+    def batch_loss(rows: torch.Tensor) -> tuple[torch.Tensor, str]:
         batch_targets = DenseTargets(*(getattr(targets, f.name)[rows] for f in dataclasses.fields(DenseTargets)))
         states = model(pixel_values=normalise(pixels[rows], image_processor), output_hidden_states=True).hidden_states
         loss, parts = heads.losses(states, batch_targets, config.centre_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"ViT pretraining diverged at step {step + 1} (non-finite loss); lower lr")
-        if log is not None and (step + 1) % max(1, config.steps // 10) == 0:
-            detail = " ".join(f"{name} {value:.3f}" for name, value in parts.items())
-            log(f"vit step {step + 1}/{config.steps} loss {loss.item():.3f} ({detail})")
+        return loss, "(" + " ".join(f"{name} {value:.3f}" for name, value in parts.items()) + ")"
+
+    model.train()
+    schedule = Schedule(config.steps, config.batch_size, config.lr, config.weight_decay, config.warmup_steps,
+                        config.seed)
+    losses = optimise("vit", parameters, batch_loss, len(scenes), schedule, log)
     model.eval()
-    window = max(1, min(20, len(losses) // 5))
     metrics = {
-        "initial_loss": sum(losses[:window]) / window,
-        "final_loss": sum(losses[-window:]) / window,
+        **loss_summary(losses, 20),
         **dense_accuracy(model, heads, held_out_pixels, held_out_targets, image_processor),
         "seconds": time.perf_counter() - started,
     }

@@ -14,7 +14,6 @@ AutoTokenizer load it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import tempfile
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
-from transformers.optimization import get_cosine_schedule_with_warmup
 
 from ...model.chat_templates import VICUNA_V1
 from ...model.conversation import IGNORE_INDEX, ConversationEncoder
@@ -36,7 +34,7 @@ from ..world.records import MC_PROBABILITY
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...evaluation.metrics import score_answers
 from ...files import write_folder
-from ..pretraining import PretrainResult, write_pretraining_record
+from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, write_pretraining_record
 from .description import describe_scene
 from ...diagnostics.text_accuracy import greedy_answers, prompt_ids
 from .phrase_tokenizer import train_phrase_tokenizer
@@ -215,31 +213,18 @@ def pretrain_description_llm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM(build_llama_config(config, tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.98))
-    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    losses: list[float] = []
+
+    def batch_loss(rows: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return model(input_ids=input_ids[rows], labels=labels[rows]).loss, ""
+
     model.train()
-    for step in range(config.steps):
-        rows = torch.randint(0, len(input_ids), (config.batch_size,), generator=generator)
-        loss = model(input_ids=input_ids[rows], labels=labels[rows]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"LLM pretraining diverged at step {step + 1} (non-finite loss); lower lr")
-        if log is not None and (step + 1) % max(1, config.steps // 20) == 0:
-            log(f"llm step {step + 1}/{config.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    schedule = Schedule(config.steps, config.batch_size, config.lr, config.weight_decay, config.warmup_steps,
+                        config.seed, betas=(0.9, 0.98))
+    losses = optimise("llm", list(model.parameters()), batch_loss, len(input_ids), schedule, log, log_every=20)
     model.eval()
-    window = max(1, min(50, len(losses) // 5))
     held_out = world_scenes(config.world_seed, config.held_out_scenes, offset=config.scenes)
     metrics = {
-        "initial_loss": sum(losses[:window]) / window,
-        "final_loss": sum(losses[-window:]) / window,
+        **loss_summary(losses, 50),
         **held_out_accuracy(model, tokenizer, held_out, config.world_seed),
         "seconds": time.perf_counter() - started,
     }
