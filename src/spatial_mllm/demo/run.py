@@ -330,6 +330,7 @@ def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[
     level and the hold-out split's under "holdout"."""
     from ..model.loading import load_for_inference
 
+    started = time.perf_counter()
     name = arm.name if seeds == 1 else f"{arm.name}-seed{seed}"
     folder = out / "runs" / f"{arm.name}-seed{seed}"
     options = plan.projector_options.get(arm.projector, {})
@@ -351,6 +352,7 @@ def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[
     scores = {split: evaluate(model, processor, stage2, world, eval_sets[split], name, folder / "eval", arm.blind)
               for split in eval_sets}
     facts.update(measure_latency(model, processor, world, plan))
+    facts["seconds"] = time.perf_counter() - started  # training (or reuse) and evaluation of this arm and seed
     test = scores["test"] | facts
     test["holdout"] = scores["holdout"] | facts
     log(f"{name}: test {test['overall']:.1%}, hold-out {test['holdout']['overall']:.1%}")
