@@ -38,9 +38,16 @@ def user_turn(question: dict, scene, with_description: bool) -> str:
     return f"{describe_scene(scene)}\n{question['text']}" if with_description else question["text"]
 
 
+def text_encoder(tokenizer: PreTrainedTokenizerBase, template: str = "vicuna_v1") -> ConversationEncoder:
+    """The multimodal models' conversation encoding for a text-only LLM (no images, so no processor): the same
+    template rendering, tokenisation and exact answer labels, so that an LLM pretrained through it reads prompts
+    exactly as it will inside a multimodal model."""
+    return ConversationEncoder(tokenizer, resolve_chat_template(template, tokenizer), 1)
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, template: str = "vicuna_v1") -> list[int]:
     """Token ids of a one-turn prompt in `template`, up to the assistant's turn, tokenised as training tokenises."""
-    encoder = ConversationEncoder(tokenizer, resolve_chat_template(template, tokenizer), 1)
+    encoder = text_encoder(tokenizer, template)
     text, _ = encoder.render([{"role": "user", "content": user_text}], add_generation_prompt=True)
     return encoder.encode_text(text)
 
@@ -85,4 +92,4 @@ def text_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, worl
     return score_answers(records, keys, f"{split} answers", f"{split} answer key")
 
 
-__all__ = ["greedy_answers", "prompt_ids", "question_prompts", "text_scores"]
+__all__ = ["greedy_answers", "prompt_ids", "text_encoder", "question_prompts", "text_scores"]

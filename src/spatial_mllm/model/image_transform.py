@@ -52,4 +52,12 @@ class ImageTransform:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-__all__ = ["ImageTransform", "mean_colour", "pad_to_square"]
+def normalise_pixels(pixels: torch.Tensor, image_processor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images already square and at the processor's size -> what the processor gives for them
+    (rescale, then its mean and std): for pretraining loops that render images in memory in batches."""
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+__all__ = ["ImageTransform", "mean_colour", "normalise_pixels", "pad_to_square"]

@@ -31,6 +31,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 from ..world.render import render_scene
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...files import write_folder
+from ...model.image_transform import normalise_pixels
 from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, write_pretraining_record
 from .patch_labels import ATTRIBUTES, DenseTargets, dense_targets
 
@@ -127,13 +128,6 @@ class DenseHeads(nn.Module):
         return total, parts
 
 
-def normalise(pixels: torch.Tensor, image_processor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> what the CLIP image processor gives for these (already square, canvas-size) images."""
-    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-    return (pixels.float() / 255 - mean) / std
-
-
 @torch.no_grad()
 def dense_accuracy(model: CLIPVisionModel, heads: DenseHeads, pixels: torch.Tensor, targets: DenseTargets,
                    image_processor) -> dict[str, float]:
@@ -144,7 +138,8 @@ def dense_accuracy(model: CLIPVisionModel, heads: DenseHeads, pixels: torch.Tens
     error, patches = 0.0, 0
     for start in range(0, len(pixels), 128):
         rows = slice(start, start + 128)
-        states = model(pixel_values=normalise(pixels[rows], image_processor), output_hidden_states=True).hidden_states
+        pixel_values = normalise_pixels(pixels[rows], image_processor)
+        states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         out = head(states[layer][:, 1:])
         on_object = targets.color[rows] > 0
         offset = 0
@@ -198,7 +193,8 @@ def pretrain_vit(
 
     def batch_loss(rows: torch.Tensor) -> tuple[torch.Tensor, str]:
         batch_targets = DenseTargets(*(getattr(targets, f.name)[rows] for f in dataclasses.fields(DenseTargets)))
-        states = model(pixel_values=normalise(pixels[rows], image_processor), output_hidden_states=True).hidden_states
+        pixel_values = normalise_pixels(pixels[rows], image_processor)
+        states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
         loss, parts = heads.losses(states, batch_targets, config.centre_weight)
         return loss, "(" + " ".join(f"{name} {value:.3f}" for name, value in parts.items()) + ")"
 

@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ...model.chat_templates import VICUNA_V1
-from ...model.conversation import IGNORE_INDEX, ConversationEncoder
+from ...model.conversation import IGNORE_INDEX
 from ..world.captions import DETAIL_PROMPTS, detailed_caption
 from ..world.questions import TextPolicy, ask_all, ask_vocabulary, pose, pose_short
 from ..world.records import MC_PROBABILITY
@@ -36,7 +36,7 @@ from ...evaluation.metrics import score_answers
 from ...files import write_folder
 from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, write_pretraining_record
 from .description import describe_scene
-from ...diagnostics.text_accuracy import greedy_answers, prompt_ids
+from ...diagnostics.text_accuracy import greedy_answers, prompt_ids, text_encoder
 from .phrase_tokenizer import train_phrase_tokenizer
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def pretrain_description_llm(
                                      eos_token="</s>")
     with tempfile.TemporaryDirectory() as scratch:  # saved with the model at the end
         tokenizer = train_phrase_tokenizer(texts, Path(scratch) / "tokenizer", config.vocab_size)
-    encoder = ConversationEncoder(tokenizer, VICUNA_V1, 1)
+    encoder = text_encoder(tokenizer)
     encoded = []
     for index, messages in enumerate(corpus):
         conversation = encoder.encode(messages, f"pretraining conversation {index}")
