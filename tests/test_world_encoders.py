@@ -216,7 +216,8 @@ def test_diagnose_command_prints_probes_and_writes_json(small_world, tmp_path, c
     assert "world folder not found" in capsys.readouterr().err
     assert main(["diagnose", "--world", str(small_world), "--llm", str(tmp_path)]) == 2
     assert "no config.json, not a causal LM folder" in capsys.readouterr().err
-    assert main(["diagnose", "--world", str(small_world), "--vision", str(shipped_encoder("vit")), "--layers", "9"]) == 2
+    vit = str(shipped_encoder("vit"))
+    assert main(["diagnose", "--world", str(small_world), "--vision", vit, "--layers", "9"]) == 2
     assert "layers [9] do not exist" in capsys.readouterr().err
 
 

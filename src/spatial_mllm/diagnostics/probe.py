@@ -134,7 +134,8 @@ def probe_tower(tower, transform, world: str | os.PathLike, layers: tuple[int, .
     score = probe_data(world, read_scenes(world, score_split, score_images), grid)
     fit_features = patch_features(tower, transform, fit.images, layers, device=device)
     score_features = patch_features(tower, transform, score.images, layers, device=device)
-    result = {"layers": {}, "majority": {}, "objects": {fit_split: len(fit.image_rows), score_split: len(score.image_rows)},
+    objects = {fit_split: len(fit.image_rows), score_split: len(score.image_rows)}
+    result = {"layers": {}, "majority": {}, "objects": objects,
               "images": {fit_split: len(fit.images), score_split: len(score.images)}}
     for layer, train_all, test_all in zip(layers, fit_features, score_features):
         train_x = train_all[fit.image_rows, fit.patch_rows]

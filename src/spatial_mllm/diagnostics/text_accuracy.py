@@ -19,7 +19,9 @@ from ..demo.encoders.description import describe_scene
 from .probe import read_scenes
 
 
-def question_prompts(world: str | os.PathLike, split: str, images: int | None = None) -> tuple[list[dict], list[dict], dict]:
+def question_prompts(
+    world: str | os.PathLike, split: str, images: int | None = None
+) -> tuple[list[dict], list[dict], dict]:
     """(questions, answer-key records, scene by image path) of the split's first `images` images."""
     world = Path(world)
     files = split_files(split)

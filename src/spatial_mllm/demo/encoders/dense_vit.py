@@ -117,7 +117,8 @@ class DenseHeads(nn.Module):
             out = head(hidden_states[layer][:, 1:])  # patch tokens (CLS dropped)
             start = 0
             for name, classes in CLASSES.items():
-                loss = F.cross_entropy(out[..., start : start + classes].flatten(0, 1), getattr(targets, name).flatten())
+                logits = out[..., start : start + classes].flatten(0, 1)
+                loss = F.cross_entropy(logits, getattr(targets, name).flatten())
                 parts[name] += loss.item() / len(self.heads)
                 total = total + loss
                 start += classes
@@ -222,4 +223,7 @@ def pretrain_vit(
     return PretrainResult(out_dir, metrics)
 
 
-__all__ = ["VitPretrainConfig", "build_vision_config", "clip_image_processor", "pretrain_vit", "pretraining_scenes", "render_pixels"]
+__all__ = [
+    "VitPretrainConfig", "build_vision_config", "clip_image_processor", "pretrain_vit", "pretraining_scenes",
+    "render_pixels",
+]

@@ -36,7 +36,8 @@ def label_map(scene: Scene) -> np.ndarray:
 def patch_objects(scene: Scene, grid: int, min_cover: float = 0.15) -> np.ndarray:
     """(grid*grid,) row-major: the index of the object covering each patch (largest share >= min_cover) or -1."""
     if scene.width != scene.height or scene.width % grid:
-        raise ValueError(f"scene {scene.id}: a {scene.width}x{scene.height} canvas does not split into {grid}x{grid} patches")
+        raise ValueError(f"scene {scene.id}: a {scene.width}x{scene.height} canvas does not split into "
+                         f"{grid}x{grid} patches")
     labels = label_map(scene)
     side = labels.shape[0] // grid
     blocks = labels.reshape(grid, side, grid, side).transpose(0, 2, 1, 3).reshape(grid * grid, side * side)
