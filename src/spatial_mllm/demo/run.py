@@ -206,7 +206,8 @@ def text_ceiling(llm: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
     for name, with_description in (("with_description", True), ("without_description", False)):
         found[name] = text_scores(model, tokenizer, world, questions.split, None, with_description,
                                   questions=list(read_jsonl(questions.questions)))
-    ceiling = TextCeiling.from_scores(found["with_description"], str(llm), file_digest(questions.questions))
+    name = f"{llm.parent.name}/{llm.name}"  # "shipped/llm", or the run's cache entry
+    ceiling = TextCeiling.from_scores(found["with_description"], name, file_digest(questions.questions))
     log(f"text ceiling: {found['with_description']['overall']:.1%} with the description, "
         f"{found['without_description']['overall']:.1%} without")
     return {"ceiling": ceiling, "scores": found}
