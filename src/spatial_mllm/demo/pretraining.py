@@ -15,6 +15,7 @@ import torch
 from transformers.optimization import get_cosine_schedule_with_warmup
 
 from ..cache import cached_folder
+from ..files import write_folder
 
 PRETRAINING_FILE = "pretraining.json"  # config and metrics of a pretrained encoder folder
 
@@ -30,6 +31,20 @@ class PretrainResult:
 
 def write_pretraining_record(folder: Path, config: dict[str, Any], metrics: dict[str, float]) -> None:
     (folder / PRETRAINING_FILE).write_text(json.dumps({"config": config, "metrics": metrics}, indent=1) + "\n")
+
+
+def save_pretrained_folder(out_dir: str | os.PathLike, parts: Sequence[Any], config: dict[str, Any],
+                           metrics: dict[str, float]) -> PretrainResult:
+    """Save every part (model, image processor, tokenizer: anything with `save_pretrained`) and pretraining.json
+    into out_dir, which appears whole or not at all."""
+
+    def save(folder: Path) -> None:
+        for part in parts:
+            part.save_pretrained(folder)
+        write_pretraining_record(folder, config, metrics)
+
+    write_folder(out_dir, save)
+    return PretrainResult(Path(out_dir), metrics)
 
 
 def read_pretraining_metrics(folder: str | os.PathLike) -> dict[str, float]:
@@ -97,4 +112,7 @@ def loss_summary(losses: Sequence[float], window: int) -> dict[str, float]:
     return {"initial_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window}
 
 
-__all__ = ["PRETRAINING_FILE", "Schedule", "loss_summary", "optimise", "PretrainResult", "cached_pretraining", "read_pretraining_metrics", "write_pretraining_record"]
+__all__ = [
+    "PRETRAINING_FILE", "PretrainResult", "Schedule", "cached_pretraining", "loss_summary", "optimise",
+    "read_pretraining_metrics", "save_pretrained_folder", "write_pretraining_record",
+]

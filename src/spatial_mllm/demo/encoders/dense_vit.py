@@ -30,9 +30,8 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMode
 
 from ..world.render import render_scene
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
-from ...files import write_folder
 from ...model.image_transform import normalise_pixels
-from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, write_pretraining_record
+from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, save_pretrained_folder
 from .patch_labels import ATTRIBUTES, DenseTargets, dense_targets
 
 CLASSES = {name: len(values) + 1 for name, values in ATTRIBUTES.items()}  # + background
@@ -209,18 +208,11 @@ def pretrain_vit(
         **dense_accuracy(model, heads, held_out_pixels, held_out_targets, image_processor),
         "seconds": time.perf_counter() - started,
     }
-    out_dir = Path(out_dir)
-
-    def save(folder: Path) -> None:
-        model.save_pretrained(folder)
-        image_processor.save_pretrained(folder)
-        write_pretraining_record(folder, dataclasses.asdict(config), metrics)
-
-    write_folder(out_dir, save)  # appears whole or not at all
+    result = save_pretrained_folder(out_dir, [model, image_processor], dataclasses.asdict(config), metrics)
     if log is not None:
         log(f"vit: held-out per-patch shape accuracy {metrics['held_out_patch_shape_accuracy']:.1%}, "
             f"{metrics['seconds']:.0f} s")
-    return PretrainResult(out_dir, metrics)
+    return result
 
 
 __all__ = [

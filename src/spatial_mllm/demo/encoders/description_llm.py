@@ -33,8 +33,7 @@ from ..world.questions import TextPolicy, ask_all, ask_vocabulary, pose, pose_sh
 from ..world.records import MC_PROBABILITY
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...evaluation.metrics import score_answers
-from ...files import write_folder
-from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, write_pretraining_record
+from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, save_pretrained_folder
 from .description import describe_scene
 from ...diagnostics.text_accuracy import greedy_answers, prompt_ids, text_encoder
 from .phrase_tokenizer import train_phrase_tokenizer
@@ -229,16 +228,11 @@ def pretrain_description_llm(
         "seconds": time.perf_counter() - started,
     }
 
-    def save(folder: Path) -> None:
-        tokenizer.save_pretrained(folder)
-        model.save_pretrained(folder)
-        write_pretraining_record(folder, dataclasses.asdict(config), metrics)
-
-    write_folder(out_dir, save)  # appears whole or not at all
+    result = save_pretrained_folder(out_dir, [tokenizer, model], dataclasses.asdict(config), metrics)
     if log is not None:
         log(f"llm: held-out accuracy {metrics['held_out_accuracy_with_description']:.1%} with the description, "
             f"{metrics['held_out_accuracy_without_description']:.1%} without, {metrics['seconds']:.0f} s")
-    return PretrainResult(out_dir, metrics)
+    return result
 
 
 __all__ = ["DescriptionLlmConfig", "build_corpus", "pack_conversations", "pretrain_description_llm", "world_scenes"]
