@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,22 @@ def test_final_folder_loads_and_answers(demo_run):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.strip()
+
+
+@pytest.mark.slow
+def test_encoders_trained_in_the_run_are_cached_and_used(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--train-encoders", "--no-blind", "--projectors", "mlp2x_gelu", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "report" / "demo.json").read_text())
+    assert summary["encoders"]["trained_in_run"] is True
+    vit, llm = (Path(summary["encoders"][name]) for name in ("vit", "llm"))
+    assert vit.parent == llm.parent == out / "cache" and vit.name.startswith("vit-") and llm.name.startswith("llm-")
+    assert json.loads((llm / "pretraining.json").read_text())["config"]["steps"] == QUICK.llm.steps
+    assert summary["pretraining"]["vit_held_out_patch_color_accuracy"] > 0.5
+    stage1 = (out / "runs" / "mlp2x_gelu-seed0" / "stage1" / "train_config.yaml").read_text()
+    assert f"vision: {vit}" in stage1 and f"llm: {llm}" in stage1  # trained on them, not on the shipped ones
+    assert {p.name for p in (out / "cache").iterdir()} >= {vit.name, llm.name}
+    assert main(args) == 0  # a rerun reuses both encoders: nothing new in the cache
+    assert sorted(p.name for p in (out / "cache").iterdir() if p.name.startswith(("vit-", "llm-"))) == sorted(
+        [vit.name, llm.name])
