@@ -144,6 +144,18 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             _clear(staging)
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -165,4 +177,4 @@ def write_folder(folder: str | os.PathLike, build: Callable[[Path], None]) -> Pa
             _clear(staging)
 
 
-__all__ = ["check_output", "fsync_dir", "move_into", "new_staging_folder", "rename", "fsync_tree", "publish", "staging_path", "write_file", "write_folder", "write_json", "write_text"]
+__all__ = ["check_output", "fsync_dir", "move_into", "new_staging_folder", "rename", "fsync_tree", "publish", "read_json_object", "staging_path", "write_file", "write_folder", "write_json", "write_text"]

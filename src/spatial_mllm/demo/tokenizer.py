@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -28,22 +29,32 @@ def train_world_tokenizer(
 
     The template words (system text, USER:, ASSISTANT:) are added to the training text so they get merged tokens.
     """
+    return train_byte_level_bpe(texts, out_dir, vocab_size, pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                preamble=[f"{VICUNA_SYSTEM} USER: question ASSISTANT: answer"])
+
+
+def train_byte_level_bpe(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int,
+                         pre_tokenizer: pre_tokenizers.PreTokenizer, preamble: Sequence[str] = (),
+                         **trainer_options: Any) -> PreTrainedTokenizerBase:
+    """A byte-level BPE with the world's special tokens, trained on `preamble` then `texts` (`trainer_options` go
+    to tokenizers' BpeTrainer), saved by `save_world_tokenizer`."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    # <image> is a special token: keep it out of the merges learnt from the text.
+    corpus = [text.replace(IMAGE_TOKEN, " ") for text in texts]
+    if not corpus:
+        raise ValueError("no text to train the tokenizer on")
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        **trainer_options,
     )
-    # <image> is a special token: keep it out of the merges learnt from the text.
-    corpus = [text.replace(IMAGE_TOKEN, " ") for text in texts]
-    if not corpus:
-        raise ValueError("no text to train the tokenizer on")
-    backend.train_from_iterator([f"{VICUNA_SYSTEM} USER: question ASSISTANT: answer", *corpus], trainer)
+    backend.train_from_iterator([*preamble, *corpus], trainer)
     return save_world_tokenizer(backend, out_dir)
 
 
@@ -94,4 +105,4 @@ def _load_json(path: Path, text: str, line: int) -> object:
         raise ValueError(f"{path}: not valid JSON at {where}: {err.msg}") from None
 
 
-__all__ = ["SPECIAL_TOKENS", "save_world_tokenizer", "train_world_tokenizer", "world_texts"]
+__all__ = ["SPECIAL_TOKENS", "save_world_tokenizer", "train_byte_level_bpe", "train_world_tokenizer", "world_texts"]

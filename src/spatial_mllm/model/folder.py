@@ -3,7 +3,6 @@ name instead of as a traceback from inside the loader (or one naming a temporary
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,17 +10,8 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as WEIGHTS_INDEX
 from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_FILE
 
+from ..files import read_json_object
 from .configuration import SpatialMLLMConfig
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def check_model_folder(folder: str | os.PathLike, what: str = "model folder") -> Path:
@@ -35,7 +25,7 @@ def check_model_folder(folder: str | os.PathLike, what: str = "model folder") ->
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{what} {folder}: not a model folder (no config.json)")
-    model_type = _read_json(config_file).get("model_type")
+    model_type = read_json_object(config_file).get("model_type")
     if model_type != SpatialMLLMConfig.model_type:
         raise ValueError(
             f"{config_file}: model_type is {model_type!r}, not {SpatialMLLMConfig.model_type!r}; this folder was not "
@@ -44,7 +34,7 @@ def check_model_folder(folder: str | os.PathLike, what: str = "model folder") ->
     if (folder / WEIGHTS_FILE).is_file():
         shards = [folder / WEIGHTS_FILE]
     elif (folder / WEIGHTS_INDEX).is_file():
-        weight_map = _read_json(folder / WEIGHTS_INDEX).get("weight_map")
+        weight_map = read_json_object(folder / WEIGHTS_INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{folder / WEIGHTS_INDEX}: no 'weight_map' of parameter -> shard file")
         shards = [folder / name for name in sorted(set(weight_map.values()))]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, PreTrainedConfig
 
+from ..files import read_json_object
 from ..projectors import PROJECTORS
 from .checkpoint_files import find_weights
 from .official import OFFICIAL_PREFIX, describe_official_variant
@@ -37,16 +37,6 @@ _GENERIC_FIELDS = {f.name for f in dataclasses.fields(PreTrainedConfig)}
 LLAMA_FIELDS = ({f.name for f in dataclasses.fields(LlamaConfig)} - _GENERIC_FIELDS) | {
     "rope_theta", "rope_scaling", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
 }
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def local_folder(path: str | Path, flag: str) -> Path:
@@ -122,7 +112,7 @@ def read_release(path: str | Path) -> LlavaRelease:
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"--model-path {folder}: no {CONFIG_FILE}; not a LLaVA release folder")
-    config = read_json(config_file)
+    config = read_json_object(config_file)
     model_type = config.get("model_type")
     if model_type not in LLAVA_MODEL_TYPES:
         raise ValueError(
@@ -196,7 +186,6 @@ __all__ = [
     "local_folder",
     "projector_options",
     "projector_variant",
-    "read_json",
     "read_release",
     "spatial_grid",
     "strip_prefix",

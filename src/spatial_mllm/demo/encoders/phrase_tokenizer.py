@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, pre_tokenizers
 from transformers import PreTrainedTokenizerBase
 
-from ...model.configuration import IMAGE_TOKEN
-from ..tokenizer import SPECIAL_TOKENS, save_world_tokenizer
+from ..tokenizer import train_byte_level_bpe
 from ..world.geometry import POINTS, REGIONS
 from ..world.scene import COLORS, SHAPES, SIZES
 
@@ -47,23 +46,7 @@ def phrase_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 def train_phrase_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1024,
                            max_token_chars: int = 64) -> PreTrainedTokenizerBase:
     """Train on `texts` (rendered conversations), save to out_dir and return the tokenizer loaded from there."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
-    corpus = [text.replace(IMAGE_TOKEN, " ") for text in texts]
-    if not corpus:
-        raise ValueError("no text to train the tokenizer on")
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = phrase_pre_tokenizer()
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-        max_token_length=max_token_chars,
-    )
-    backend.train_from_iterator(corpus, trainer)
-    return save_world_tokenizer(backend, out_dir)
+    return train_byte_level_bpe(texts, out_dir, vocab_size, phrase_pre_tokenizer(), max_token_length=max_token_chars)
 
 
 __all__ = ["phrase_pre_tokenizer", "train_phrase_tokenizer", "world_words"]
