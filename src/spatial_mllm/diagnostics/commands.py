@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "For a ViT folder: linear probes (fit on the world's train images, scored on --split) of the colour, "
             "shape and size of each object from the patch under its centre, per hidden state the projectors read, "
             "beside the majority class. For an LLM folder (with its tokenizer): accuracy on the split's questions "
-            "from text alone, with the written scene description in place of the image and without it."
+            "from text alone, with the written scene description in place of the image and without it, and "
+            "whether its attribute replies name the object asked about or another object of the scene."
         ),
     )
     parser.add_argument("--world", required=True, help="a world folder (spatial-mllm data make-world)")
@@ -72,4 +73,11 @@ def _print_text(found: dict) -> None:
     for category in sorted(with_text["categories"]):
         print(f"{category:>14} {with_text['categories'][category]:>17.1%} {without['categories'][category]:>8.1%}")
     print(f"{'overall':>14} {with_text['overall']:>17.1%} {without['overall']:>8.1%}")
+    print("attribute replies with the description: right / another object's value / a value not in the scene / "
+          "no value, beside the scene guess rate (naming one of the scene's values at random)")
+    print(f"{'category':>14} {'questions':>9} {'right':>7} {'other':>7} {'absent':>7} {'none':>7} {'guess':>7}")
+    for category, found_binding in found["binding"].items():
+        print(f"{category:>14} {found_binding['questions']:>9} {found_binding['right']:>7.1%} "
+              f"{found_binding['other_object']:>7.1%} {found_binding['not_in_scene']:>7.1%} "
+              f"{found_binding['no_value']:>7.1%} {found_binding['scene_guess_rate']:>7.1%}")
     print(json.dumps({"with_description": with_text["overall"], "without_description": without["overall"]}))

@@ -13,7 +13,8 @@ from ..model.builder import image_processor_for
 from ..projectors import PROJECTORS, build_projector
 from ..vision import VisionTower
 from .probe import probe_tower
-from .text_accuracy import text_scores
+from .binding import binding_outcomes
+from .text_accuracy import score_replies, text_replies
 
 
 def projector_layers(tower: VisionTower) -> dict[str, tuple[int, ...]]:
@@ -52,7 +53,8 @@ def diagnose_vision(vision: str | os.PathLike, world: str | os.PathLike, layers:
 def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = "test",
                  images: int | None = 100) -> dict[str, Any]:
     """The LLM's accuracy on the split's questions from text alone: with the scene description (its ceiling) and
-    without (the answer prior), by category."""
+    without (the answer prior), by category; with the description, also how its attribute replies bind to the
+    object asked about (`binding_outcomes`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(llm).is_dir() and not (Path(llm) / "config.json").is_file():
@@ -64,8 +66,11 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
         raise ValueError(f"--llm {llm}: not a causal LM folder with its tokenizer ({err})") from None
     result: dict[str, Any] = {"llm": str(llm), "world": str(world), "split": split}
     for name, with_description in (("with_description", True), ("without_description", False)):
-        scores = text_scores(model, tokenizer, world, split, images, with_description)
+        replies, keys, scenes = text_replies(model, tokenizer, world, split, images, with_description)
+        scores = score_replies(replies, keys, split)
         result[name] = {key: scores[key] for key in ("overall", "categories", "counts")}
+        if with_description:
+            result["binding"] = binding_outcomes(replies, keys, scenes)
     return result
 
 

@@ -72,11 +72,13 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     return answers
 
 
-def text_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
-                split: str = "test", images: int | None = 100, with_description: bool = True,
-                template: str = "vicuna_v1", batch_size: int = 64, questions: list[dict] | None = None) -> dict:
-    """`score_answers` of the LLM answering the split's questions (of its first `images` images, or exactly
-    `questions` when given) from the text alone, with or without the scene description in place of the image."""
+def text_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
+                 split: str = "test", images: int | None = 100, with_description: bool = True,
+                 template: str = "vicuna_v1", batch_size: int = 64,
+                 questions: list[dict] | None = None) -> tuple[dict[str, str], list[dict], dict]:
+    """(reply by question id, answer-key records, scene by image path) of the LLM answering the split's questions
+    (of its first `images` images, or exactly `questions` when given) from the text alone, with or without the
+    scene description in place of the image."""
     chosen, keys, scenes = question_prompts(world, split, images if questions is None else None)
     if questions is not None:
         wanted = {q["question_id"] for q in questions}
@@ -90,8 +92,23 @@ def text_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, worl
     model.eval()
     answers = greedy_answers(model, tokenizer, prompts, batch_size)
     model.train(was_training)
-    records = [{"question_id": q["question_id"], "text": a} for q, a in zip(chosen, answers)]
+    return {q["question_id"]: a for q, a in zip(chosen, answers)}, keys, scenes
+
+
+def text_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
+                split: str = "test", images: int | None = 100, with_description: bool = True,
+                template: str = "vicuna_v1", batch_size: int = 64, questions: list[dict] | None = None) -> dict:
+    """`score_answers` of `text_replies` (same arguments)."""
+    replies, keys, _ = text_replies(model, tokenizer, world, split, images, with_description, template, batch_size,
+                                    questions)
+    return score_replies(replies, keys, split)
+
+
+def score_replies(replies: dict[str, str], keys: list[dict], split: str) -> dict:
+    """`score_answers` of replies by question id against the split's answer-key records."""
+    records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
     return score_answers(records, keys, f"{split} answers", f"{split} answer key")
 
 
-__all__ = ["greedy_answers", "prompt_ids", "text_encoder", "question_prompts", "text_scores"]
+__all__ = ["greedy_answers", "prompt_ids", "question_prompts", "score_replies", "text_encoder", "text_replies",
+           "text_scores"]

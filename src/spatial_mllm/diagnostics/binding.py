@@ -1,0 +1,77 @@
+"""Does a model tell the scene's objects apart? Attribute questions (the colour, shape or size of one named object)
+sort every reply into one of four outcomes:
+
+- right: the named object's value;
+- other object: a value another object of the same scene has. The model sees what is in the scene but not which
+  object carries it: it fails to bind the attribute to the object it was asked about;
+- not in scene: a value of the attribute no object in the scene has (it did not read the scene);
+- no value: a reply that names no value of the attribute at all.
+
+Beside them, the scene guess rate: the accuracy of naming one of the scene's values of that attribute at random
+(the mean of 1 / distinct values over the questions). A model whose replies are all from the scene, right at the
+guess rate, copies without binding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..demo.world.scene import COLORS, SHAPES, SIZES, Scene
+from ..evaluation.metrics import read_key_item
+from ..evaluation.multiple_choice import OPTION_LETTERS, extract_choice_letter
+from ..evaluation.vqa import normalize_vqa_answer
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES)}
+OUTCOMES = ("right", "other_object", "not_in_scene", "no_value")
+
+
+def reply_value(reply: str, key: Mapping[str, Any], where: str) -> str:
+    """The value a reply names: the chosen option's text for a multiple-choice question, the normalised reply else."""
+    item = read_key_item(key, where)
+    if item.type == "mc":
+        letter = extract_choice_letter(reply, item.options)
+        return "" if letter is None else normalize_vqa_answer(item.options[OPTION_LETTERS.index(letter)])
+    return normalize_vqa_answer(reply)
+
+
+def binding_outcomes(replies: Mapping[str, str], keys: Iterable[Mapping[str, Any]],
+                     scenes: Mapping[str, Scene]) -> dict[str, dict[str, Any]]:
+    """Per attribute category (colour, shape, size) asked about in `keys`: the number of questions, the fraction of
+    replies with each outcome, and the scene guess rate. `replies`: reply text by question id; `scenes`: the scene
+    by image path. Questions without a reply are left out; a key whose image has no scene is an error."""
+    tallies: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        category = key.get("category")
+        if category not in ATTRIBUTE_VALUES or key["question_id"] not in replies:
+            continue
+        where = f"answer key {key['question_id']}"
+        scene = scenes.get(key["image"])
+        if scene is None:
+            raise ValueError(f"{where}: no scene for image {key['image']!r}")
+        in_scene = {getattr(obj, category) for obj in scene.objects}
+        value = reply_value(replies[key["question_id"]], key, where)
+        right = normalize_vqa_answer(key.get("answer_text", key["answer"]))
+        if value == right:
+            outcome = "right"
+        elif value in in_scene:
+            outcome = "other_object"
+        elif value in ATTRIBUTE_VALUES[category]:
+            outcome = "not_in_scene"
+        else:
+            outcome = "no_value"
+        tally = tallies.setdefault(category, {"questions": 0, "guess_sum": 0.0, **{name: 0 for name in OUTCOMES}})
+        tally["questions"] += 1
+        tally[outcome] += 1
+        tally["guess_sum"] += 1 / len(in_scene)
+    return {
+        category: {
+            "questions": tally["questions"],
+            **{name: tally[name] / tally["questions"] for name in OUTCOMES},
+            "scene_guess_rate": tally["guess_sum"] / tally["questions"],
+        }
+        for category, tally in sorted(tallies.items())
+    }
+
+
+__all__ = ["ATTRIBUTE_VALUES", "OUTCOMES", "binding_outcomes", "reply_value"]
