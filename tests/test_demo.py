@@ -109,6 +109,30 @@ def test_quick_baseline_reads_the_image(demo_run):
 
 
 @pytest.mark.slow
+def test_report_shows_how_attribute_replies_bind(demo_run):
+    """Every arm's colour, shape and size replies sorted by outcome, recomputed here from its answers file; the
+    report's binding table lists each arm and the text ceiling."""
+    summary = json.loads((demo_run / "report" / "demo.json").read_text())
+    keys = {k["question_id"]: k for k in read_jsonl(demo_run / "data" / "test_answer_key.jsonl")}
+    scenes = {json.loads(line)["id"]: json.loads(line) for line in (demo_run / "world" / "scenes.jsonl").open()}
+    for run in summary["runs"]:
+        answers = read_jsonl(demo_run / "runs" / f"{run['arm']}-seed0" / "eval" / "test_answers.jsonl")
+        color = [(a["text"].strip(), keys[a["question_id"]]) for a in answers
+                 if keys[a["question_id"]]["category"] == "color" and keys[a["question_id"]]["format"] == "short"]
+        in_scene = sum(text in {o["color"] for o in scenes[Path(key["image"]).stem]["objects"]} and
+                       text != key["answer"] for text, key in color)  # fmt: skip
+        found = run["binding"]["color"]
+        assert found["questions"] >= len(color) > 0
+        mc = found["questions"] - len(color)  # multiple-choice replies count too: only a bound on the short ones
+        assert in_scene <= found["other_object"] * found["questions"] + 1e-9 <= in_scene + mc
+        assert sum(found[name] for name in ("right", "other_object", "not_in_scene", "no_value")) == pytest.approx(1)
+    assert set(summary["text_only_binding"]["test"]) == {"color", "shape", "size"}
+    table = (demo_run / "report" / "report.md").read_text().split("## Binding")[1]
+    assert all(f"| {name} | color |" in table for name in arms()) and "| text ceiling (shipped/llm) | color |" in table
+    assert "## Binding" in (demo_run / "report" / "holdout" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_blind_control_was_asked_about_other_images(demo_run):
     data = demo_run / "data"
     questions = list(read_jsonl(data / "test_questions.jsonl"))

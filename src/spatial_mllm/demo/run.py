@@ -192,25 +192,30 @@ def eval_set(world: Path, out: Path, split: str, plan: DemoPlan) -> EvalSet:
 
 
 def text_ceiling(llm: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
-    """The LLM's scores on the same questions with the scene description in place of the image (TextCeiling dict)."""
+    """The LLM's scores on the same questions with the scene description in place of the image (TextCeiling dict),
+    and how its attribute replies bind to the object asked about."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..cache import file_digest
-    from ..diagnostics.text_accuracy import text_scores
+    from ..diagnostics.binding import binding_outcomes
+    from ..diagnostics.text_accuracy import score_replies, text_replies
     from ..evaluation.records import read_jsonl
     from ..evaluation.text_ceiling import TextCeiling
 
     model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
-    found = {}
+    found, binding = {}, {}
     for name, with_description in (("with_description", True), ("without_description", False)):
-        found[name] = text_scores(model, tokenizer, world, questions.split, None, with_description,
-                                  questions=list(read_jsonl(questions.questions)))
+        replies, keys, scenes = text_replies(model, tokenizer, world, questions.split, None, with_description,
+                                             questions=list(read_jsonl(questions.questions)))
+        found[name] = score_replies(replies, keys, questions.split)
+        if with_description:
+            binding = binding_outcomes(replies, keys, scenes)
     name = f"{llm.parent.name}/{llm.name}"  # "shipped/llm", or the run's cache entry
     ceiling = TextCeiling.from_scores(found["with_description"], name, file_digest(questions.questions))
     log(f"text ceiling: {found['with_description']['overall']:.1%} with the description, "
         f"{found['without_description']['overall']:.1%} without")
-    return {"ceiling": ceiling, "scores": found}
+    return {"ceiling": ceiling, "scores": found, "binding": binding}
 
 
 # --- training and evaluation -----------------------------------------------------------------------------------------
@@ -284,6 +289,18 @@ def evaluate(model, processor, model_dir: Path, world: Path, questions: EvalSet,
     return evaluation.scores
 
 
+def answer_binding(answers: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
+    """`binding_outcomes` of an arm's answers file against the questions' own scenes (for the blind control too:
+    what it names, measured against the scene it was asked about)."""
+    from ..diagnostics.binding import binding_outcomes
+    from ..diagnostics.probe import read_scenes
+    from ..evaluation.records import read_jsonl
+
+    replies = {record["question_id"]: record["text"] for record in read_jsonl(answers)}
+    scenes = {scene.image: scene for scene in read_scenes(world, questions.split)}
+    return binding_outcomes(replies, read_jsonl(questions.answer_key), scenes)
+
+
 def measure_latency(model, processor, world: Path, plan: DemoPlan) -> dict[str, float]:
     """Prefill + 4 greedy tokens per sample, batch 1, from pixels (ViT included), median over samples."""
     from PIL import Image
@@ -352,12 +369,28 @@ def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[
     }
     scores = {split: evaluate(model, processor, stage2, world, eval_sets[split], name, folder / "eval", arm.blind)
               for split in eval_sets}
+    binding = {split: answer_binding(folder / "eval" / f"{split}_answers.jsonl", world, eval_sets[split])
+               for split in eval_sets}
     facts.update(measure_latency(model, processor, world, plan))
     facts["seconds"] = time.perf_counter() - started  # training (or reuse) and evaluation of this arm and seed
-    test = scores["test"] | facts
-    test["holdout"] = scores["holdout"] | facts
+    test = scores["test"] | facts | {"binding": binding["test"]}
+    test["holdout"] = scores["holdout"] | facts | {"binding": binding["holdout"]}
     log(f"{name}: test {test['overall']:.1%}, hold-out {test['holdout']['overall']:.1%}")
     return test
+
+
+def append_binding_section(report: Path, runs: list[dict[str, Any]], ceiling_binding: dict[str, Any],
+                           ceiling_name: str) -> None:
+    """Add the binding table (each arm averaged over its seeds, then the text ceiling) to a written report."""
+    from ..diagnostics.binding import binding_markdown, mean_outcomes
+    from ..files import write_text
+
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        arms.setdefault(run["arm"], []).append(run["binding"])
+    rows = {arm: mean_outcomes(results) for arm, results in arms.items()}
+    rows[f"text ceiling ({ceiling_name})"] = ceiling_binding
+    write_text(report, report.read_text() + "\n" + binding_markdown(rows))
 
 
 def without_outcomes(run: dict[str, Any]) -> dict[str, Any]:
@@ -406,6 +439,9 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
     write_report(compare_runs(runs, text_ceiling=ceilings["test"]["ceiling"]), report, overwrite=True)
     write_report(compare_runs([run["holdout"] for run in runs], text_ceiling=ceilings["holdout"]["ceiling"]),
                  report / "holdout", overwrite=True)  # a rerun replaces its own reports
+    for folder, split_runs, ceiling in ((report, runs, ceilings["test"]),
+                                        (report / "holdout", [run["holdout"] for run in runs], ceilings["holdout"])):
+        append_binding_section(folder / "report.md", split_runs, ceiling["binding"], ceiling["ceiling"].model)
     summary = {
         "plan": dataclasses.asdict(plan),
         "seed": seed,
@@ -415,6 +451,7 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
         "pretraining": pretrain_metrics,
         "text_only": {split: {name: {key: scores[key] for key in ("overall", "categories", "counts")}
                               for name, scores in found["scores"].items()} for split, found in ceilings.items()},
+        "text_only_binding": {split: found["binding"] for split, found in ceilings.items()},
         "runs": [without_outcomes(run) | {"holdout": without_outcomes(run["holdout"])} for run in runs],
     }
     write_json(report / "demo.json", summary)
