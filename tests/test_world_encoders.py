@@ -8,18 +8,20 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from fixtures.training import one_thread  # noqa: F401  (autouse: one torch thread)
 from spatial_mllm.cli import main
+from spatial_mllm.demo.encoders.copy_warmup import copy_batch
 from spatial_mllm.demo.encoders.dense_vit import VitPretrainConfig, pretrain_vit, pretraining_scenes, render_pixels
 from spatial_mllm.demo.encoders.description import describe_scene
 from spatial_mllm.demo.encoders.description_llm import (
     DescriptionLlmConfig,
     build_corpus,
-    pack_conversations,
+    conversation_batches,
     pretrain_description_llm,
     world_scenes,
 )
@@ -131,18 +133,44 @@ def test_phrase_tokenizer_keeps_world_words_whole_and_is_lossless(tmp_path):
     assert tokenizer.convert_tokens_to_ids("<image>") != tokenizer.unk_token_id
 
 
-def test_packing_keeps_conversations_whole():
-    encoded = [([n] * length, [n] * length) for n, length in enumerate((5, 4, 3, 6, 2), start=1)]
-    input_ids, labels = pack_conversations(encoded, 8, pad_id=0)
-    rows = [[token for token in row.tolist() if token] for row in input_ids]
-    assert rows == [[1] * 5, [2] * 4 + [3] * 3, [4] * 6 + [5] * 2]
-    assert (labels[input_ids == 0] == IGNORE_INDEX).all()
+def test_batches_keep_each_conversation_whole_in_its_own_row():
+    encoded = [([n] * length, [n] * length) for n, length in enumerate((5, 4, 3, 6, 2, 3), start=1)]
+    batches = conversation_batches(encoded, 12, pad_id=0)
+    rows = [[[token for token in row.tolist() if token] for row in input_ids] for input_ids, _ in batches]
+    # by length: 2, 3, 3 | 4 (three rows of 4 would fit, but 5 is next: 2 x 5 = 10 fits) 5 | 6 (alone: 2 x 6 = 12)
+    assert rows == [[[5] * 2, [3] * 3, [6] * 3], [[2] * 4, [1] * 5], [[4] * 6]]
+    assert [tuple(input_ids.shape) for input_ids, _ in batches] == [(3, 3), (2, 5), (1, 6)]
+    for input_ids, labels in batches:
+        assert input_ids.numel() <= 12 and (labels[input_ids == 0] == IGNORE_INDEX).all()
+        assert (labels[input_ids != 0] == input_ids[input_ids != 0]).all()
+
+
+def test_copy_batches_repeat_or_reverse_their_first_half():
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        input_ids, labels = copy_batch(4, (3, 6), 0.5, 5, 50, 1, generator)
+        k = (input_ids.shape[1] - 1) // 2
+        assert input_ids.shape == (4, 2 * k + 1) and 3 <= k <= 6 and (input_ids[:, 0] == 1).all()
+        first, second = input_ids[:, 1 : k + 1], input_ids[:, k + 1 :]
+        assert ((first >= 5) & (first < 50)).all()
+        reversed_copy = bool((second == first.flip(1)).all())
+        assert reversed_copy or (second == first).all()
+        seen.add(reversed_copy)
+        assert (labels[:, : k + 2] == IGNORE_INDEX).all() and (labels[:, k + 2 :] == input_ids[:, k + 2 :]).all()
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="copy length must be"):
+        copy_batch(4, (0, 6), 0.5, 5, 50, 1, generator)
 
 
 def test_description_llm_pretraining_saves_model_and_tokenizer(tmp_path):
+    notes = []
     result = pretrain_description_llm(tmp_path / "llm", steps=60, warmup_steps=2, scenes=150, held_out_scenes=4,
-                                      batch_size=8, hidden=32, intermediate=64, heads=2, kv_heads=1, vocab_size=400,
-                                      lr=1e-2)
+                                      batch_tokens=2048, copy_steps=5, copy_rows=8, hidden=32, intermediate=64,
+                                      heads=2, kv_heads=1, vocab_size=400, lr=1e-2, log=notes.append)
+    steps = [note for note in notes if note.startswith("llm step ")]  # every third of 5 + 60 steps
+    assert steps[0].startswith("llm step 3/65") and steps[0].endswith("(copy warm-up)")  # the first 5 copy
+    assert steps[-1].startswith("llm step 63/65") and "copy" not in steps[-1]
     assert result.metrics["final_loss"] < 0.7 * result.metrics["initial_loss"]
     assert 0 <= result.metrics["held_out_accuracy_with_description"] <= 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")

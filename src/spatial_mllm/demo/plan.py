@@ -64,7 +64,7 @@ DEFAULT = DemoPlan(
 QUICK = DemoPlan(
     world={"n_train": 300, "n_val": 20, "n_test": 30, "n_holdout": 30},
     vit=VitPretrainConfig(scenes=300, held_out=50, steps=60, batch_size=32),
-    llm=DescriptionLlmConfig(scenes=600, held_out_scenes=10, steps=60, batch_size=16),
+    llm=DescriptionLlmConfig(scenes=600, held_out_scenes=10, steps=60, batch_tokens=4096, copy_steps=20),
     stage1=StagePlan(steps=20, global_batch_size=16, micro_batch_size=16, lr=2e-3),
     stage2=StagePlan(steps=120, global_batch_size=16, micro_batch_size=16, lr=3e-3, projector_lr=3e-3),
     lora_r=None,

@@ -5,8 +5,11 @@ The corpus is conversations in the `vicuna_v1` template whose first user turn ho
 LLaVA puts `<image>`, followed by the world's own questions, posed exactly as its evaluation files pose them
 (short answer or multiple choice), sometimes a request for the detailed description, and a few of the world's
 text-only questions. Scenes come from a pretraining world (its own seed, train split only): no test or hold-out
-scene, and no held-out colour+shape pair, is ever named. Loss is on the answers only, and every conversation is
-kept whole in its row (a question cut off from its description could only teach the answer prior).
+scene, and no held-out colour+shape pair, is ever named. Loss is on the answers only; every conversation is its own
+row, whole (a question cut off from its description could only teach the answer prior, and one conversation
+reading another's description would learn to mix scenes), in batches of conversations of similar length.
+Training starts with the copy warm-up (`copy_warmup`), without which the model never binds an attribute to the
+object a question names.
 The saved folder holds the model and its tokenizer (`spatial_mllm.encoders.tokenizer`): AutoModelForCausalLM and
 AutoTokenizer load it.
 """
@@ -36,6 +39,7 @@ from ...evaluation.metrics import score_answers
 from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, save_pretrained_folder
 from .description import describe_scene
 from ...diagnostics.text_accuracy import greedy_answers, prompt_ids, text_encoder
+from .copy_warmup import copy_batch
 from .phrase_tokenizer import train_phrase_tokenizer
 
 @dataclass(frozen=True)
@@ -52,12 +56,15 @@ class DescriptionLlmConfig:
     world_seed: int = 1000  # the pretraining world, distinct from the demo's worlds
     scenes: int = 60000
     held_out_scenes: int = 200  # further pretraining-world scenes, for the held-out accuracy
-    turns: tuple[int, int] = (2, 4)  # questions per conversation, inclusive
+    turns: tuple[int, int] = (6, 10)  # questions per conversation, inclusive
     detail_probability: float = 0.2  # a conversation also asks for the detailed description
     text_only_fraction: float = 0.02  # conversations of the world's text-only questions
-    block_size: int = 256  # row length; conversations are packed whole
-    steps: int = 6000
-    batch_size: int = 32
+    batch_tokens: int = 8192  # tokens per batch, padding included (rows of similar length)
+    copy_steps: int = 700  # copy warm-up steps, before the corpus (0: none)
+    copy_rows: int = 64
+    copy_length: tuple[int, int] = (20, 50)  # tokens per copied sequence, inclusive
+    copy_reverse_fraction: float = 0.5
+    steps: int = 3000  # corpus steps, after the copy warm-up
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
@@ -67,7 +74,7 @@ class DescriptionLlmConfig:
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}, heads by kv_heads "
                              f"{self.kv_heads}")
-        for name in ("steps", "batch_size", "block_size", "scenes", "held_out_scenes"):
+        for name in ("steps", "batch_tokens", "copy_rows", "scenes", "held_out_scenes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.turns[0] <= self.turns[1]:
@@ -118,28 +125,27 @@ def build_corpus(scenes: Sequence[Scene], config: DescriptionLlmConfig, seed: in
     return corpus
 
 
-def pack_conversations(encoded: Sequence[tuple[list[int], list[int]]], block_size: int,
-                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole conversations packed greedily into (rows, block_size) input ids and labels, padding after them.
-
-    A conversation longer than a row is cut at the row's end (rare at the default sizes)."""
-    rows: list[tuple[list[int], list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    for conversation_ids, conversation_labels in encoded:
-        conversation_ids, conversation_labels = conversation_ids[:block_size], conversation_labels[:block_size]
-        if ids and len(ids) + len(conversation_ids) > block_size:
-            rows.append((ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + conversation_ids, labels + conversation_labels
-    if ids:
-        rows.append((ids, labels))
-    input_ids = torch.full((len(rows), block_size), pad_id, dtype=torch.long)
-    label_ids = torch.full((len(rows), block_size), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, labels) in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        label_ids[row, : len(labels)] = torch.tensor(labels)
-    return input_ids, label_ids
+def conversation_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_tokens: int,
+                         pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Conversations sorted by length and cut into batches of at most `batch_tokens` tokens (padding included),
+    one conversation per row, padded after it: [(input ids, labels), ...] in length order."""
+    order = sorted(range(len(encoded)), key=lambda index: len(encoded[index][0]))
+    batches = []
+    start = 0
+    while start < len(order):
+        end = start + 1  # the longest of the batch is its last: grow while the padded batch fits
+        while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= batch_tokens:
+            end += 1
+        chosen = [encoded[index] for index in order[start:end]]
+        width = len(chosen[-1][0])
+        input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chosen), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(chosen):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(row_labels)] = torch.tensor(row_labels)
+        batches.append((input_ids, labels))
+        start = end
+    return batches
 
 
 def build_llama_config(config: DescriptionLlmConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -205,21 +211,39 @@ def pretrain_description_llm(
     for index, messages in enumerate(corpus):
         conversation = encoder.encode(messages, f"pretraining conversation {index}")
         encoded.append((conversation.input_ids, conversation.labels))
-    input_ids, labels = pack_conversations(encoded, config.block_size, tokenizer.pad_token_id)
+    batches = conversation_batches(encoded, config.batch_tokens, tokenizer.pad_token_id)
     if log is not None:
-        log(f"llm corpus: {len(corpus)} conversations in {len(input_ids)} rows of {config.block_size}, "
-            f"{int((labels != IGNORE_INDEX).sum())} supervised tokens, vocabulary {len(tokenizer)}")
+        supervised = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+        log(f"llm corpus: {len(corpus)} conversations in {len(batches)} batches of at most {config.batch_tokens} "
+            f"tokens, {supervised} supervised tokens, vocabulary {len(tokenizer)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM(build_llama_config(config, tokenizer))
+    copies = torch.Generator().manual_seed(config.seed + 2)
+    first_copy_id = max(tokenizer.all_special_ids) + 1  # copy ordinary tokens only
+    taken = 0  # batches drawn so far: the first copy_steps are copy batches
 
-    def batch_loss(rows: torch.Tensor) -> tuple[torch.Tensor, str]:
-        return model(input_ids=input_ids[rows], labels=labels[rows]).loss, ""
+    def batch_loss(drawn: torch.Tensor) -> tuple[torch.Tensor, str]:
+        nonlocal taken
+        taken += 1
+        if taken <= config.copy_steps:
+            input_ids, labels = copy_batch(config.copy_rows, config.copy_length, config.copy_reverse_fraction,
+                                           first_copy_id, len(tokenizer), tokenizer.bos_token_id, copies)
+            note = "(copy warm-up)"
+        else:
+            input_ids, labels = batches[int(drawn[0])]
+            note = ""
+        attention_mask = (input_ids != tokenizer.pad_token_id).long()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return loss, note
 
     model.train()
-    schedule = Schedule(config.steps, config.batch_size, config.lr, config.weight_decay, config.warmup_steps,
+    # One batch per step (batch_size 1 draws one of the length-grouped batches); one schedule over both phases.
+    schedule = Schedule(config.copy_steps + config.steps, 1, config.lr, config.weight_decay, config.warmup_steps,
                         config.seed, betas=(0.9, 0.98))
-    losses = optimise("llm", list(model.parameters()), batch_loss, len(input_ids), schedule, log, log_every=20)
+    losses = optimise("llm", list(model.parameters()), batch_loss, len(batches), schedule, log, log_every=20)
+    losses = losses[config.copy_steps :]  # the corpus loss (the copy loss is another task)
     model.eval()
     held_out = world_scenes(config.world_seed, config.held_out_scenes, offset=config.scenes)
     metrics = {
@@ -235,4 +259,4 @@ def pretrain_description_llm(
     return result
 
 
-__all__ = ["DescriptionLlmConfig", "build_corpus", "pack_conversations", "pretrain_description_llm", "world_scenes"]
+__all__ = ["DescriptionLlmConfig", "build_corpus", "conversation_batches", "pretrain_description_llm", "world_scenes"]
