@@ -3,7 +3,9 @@ its manifest entry: the command that made it, the environment, its pretraining c
 diagnostics measured on the demo's default world (seed 0).
 
     spatial-mllm world-encoders vit --out runs/vit --threads 1
-    python scripts/ship_encoders.py vit runs/vit
+    python scripts/ship_encoders.py vit runs/vit --threads 1
+
+--threads records the thread count the folder was made with: the weights are reproducible for that count.
 """
 
 from __future__ import annotations
@@ -21,16 +23,13 @@ from spatial_mllm.demo.plan import DEFAULT
 from spatial_mllm.demo.world import make_world
 from spatial_mllm.diagnostics.diagnose import diagnose_llm, diagnose_vision
 
-COMMANDS = {
-    "vit": "spatial-mllm world-encoders vit --out OUT --threads 1",
-    "llm": "spatial-mllm world-encoders llm --out OUT --threads 1",
-}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("encoder", choices=sorted(COMMANDS))
+    parser.add_argument("encoder", choices=("vit", "llm"))
     parser.add_argument("folder", help="the folder `spatial-mllm world-encoders` wrote")
+    parser.add_argument("--threads", type=int, default=1, help="the --threads it was made with (default 1)")
     parser.add_argument("--world", help="a demo world (seed 0, default sizes); made in a temporary folder if absent")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -43,9 +42,10 @@ def main() -> None:
             diagnostics = diagnose_llm(args.folder, world, "test", DEFAULT.eval_images)
         diagnostics["world"] = f"demo world, seed 0, {DEFAULT.world}"
         diagnostics.pop("vision", None), diagnostics.pop("llm", None)
-    environment = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 1,
+    environment = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
                    "python": platform.python_version(), "machine": platform.machine()}
-    target = ship_encoder(args.encoder, args.folder, COMMANDS[args.encoder], environment, diagnostics)
+    command = f"spatial-mllm world-encoders {args.encoder} --out OUT --threads {args.threads}"
+    target = ship_encoder(args.encoder, args.folder, command, environment, diagnostics)
     print(f"shipped {args.encoder} as {target}")
 
 

@@ -81,8 +81,9 @@ def world(tmp_path_factory):
 
 
 def test_llm_diagnosis_reports_binding_beside_accuracy(world, tmp_path, capsys):
-    """The shipped LLM on unseen scenes: its attribute replies come from the scene; how often from the right object
-    is what the binding table shows. Its 'right' fraction is the accuracy the scoring gives the same replies."""
+    """The shipped LLM on unseen scenes reads its attribute replies off the object the question names (measured on
+    the demo world: shape 78.8% right against a 40.9% guess rate; the LLM trained without the copy warm-up stayed at
+    the guess rate). Its 'right' fraction is the accuracy the scoring gives the same replies."""
     found = diagnose_llm(shipped_encoder("llm"), world, images=30)
     binding = found["binding"]
     assert set(binding) == {"color", "shape", "size"}
@@ -90,9 +91,11 @@ def test_llm_diagnosis_reports_binding_beside_accuracy(world, tmp_path, capsys):
         assert outcomes["right"] == pytest.approx(found["with_description"]["categories"][category])
         assert outcomes["questions"] == found["with_description"]["counts"]["categories"][category]["total"]
         assert 1 / 5 <= outcomes["scene_guess_rate"] <= 1  # at most 5 objects, at least one value
-    color = binding["color"]
-    assert color["right"] + color["other_object"] > 0.8  # it reads the scene's colours...
-    assert found["without_description"]["categories"]["color"] < color["right"] + color["other_object"] - 0.3
+    shape, color = binding["shape"], binding["color"]
+    for bound in (shape, binding["size"]):  # it binds (here: shape 63% vs a 39% guess rate, size 90% vs 55%)
+        assert bound["right"] > bound["scene_guess_rate"] + 0.15
+    assert color["right"] + color["other_object"] > 0.8  # it reads the scene's colours
+    assert found["without_description"]["categories"]["color"] < color["right"] - 0.2
 
     out = tmp_path / "llm.json"
     assert main(["diagnose", "--world", str(world), "--llm", str(shipped_encoder("llm")), "--images", "30",
