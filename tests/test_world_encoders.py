@@ -187,6 +187,11 @@ def test_shipped_manifest_records_how_each_encoder_was_made():
     assert vit["command"].startswith("spatial-mllm world-encoders vit") and vit["environment"]["threads"] == 1
     assert vit["config"]["world_seed"] == 1000 and vit["config"]["steps"] >= 1000
     assert vit["metrics"]["held_out_patch_shape_accuracy"] > 0.95
+    llm = manifest["llm"]
+    assert llm["command"] == f"spatial-mllm world-encoders llm --out OUT --threads {llm['environment']['threads']}"
+    assert llm["config"]["copy_steps"] > 0 and llm["config"]["world_seed"] == 1000
+    assert llm["metrics"]["held_out_accuracy_with_description"] > 0.6  # the copy warm-up's doing (without: 0.50)
+    assert llm["diagnostics"]["binding"]["shape"]["right"] > llm["diagnostics"]["binding"]["shape"]["scene_guess_rate"]
     total = sum((SHIPPED_DIR / name / file).stat().st_size for name in manifest for file in manifest[name]["files"])
     assert total < 10 * 2**20  # a few MB
 
