@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..demo.world.scene import COLORS, SHAPES, SIZES, Scene
-from ..evaluation.metrics import read_key_item
+from ..evaluation.metrics import KeyItem, read_key_item
 from ..evaluation.multiple_choice import OPTION_LETTERS, extract_choice_letter
 from ..evaluation.vqa import normalize_vqa_answer
 
@@ -26,13 +26,13 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape":
 OUTCOMES = ("right", "other_object", "not_in_scene", "no_value")
 
 
-def reply_value(reply: str, key: Mapping[str, Any], where: str) -> str:
-    """The value a reply names: the chosen option's text for a multiple-choice question, the normalised reply else."""
-    item = read_key_item(key, where)
+def named_value(text: str, item: KeyItem) -> str:
+    """The value a reply (or the key's answer) names: the chosen option's text for a multiple-choice question, the
+    normalised text else."""
     if item.type == "mc":
-        letter = extract_choice_letter(reply, item.options)
+        letter = extract_choice_letter(text, item.options)
         return "" if letter is None else normalize_vqa_answer(item.options[OPTION_LETTERS.index(letter)])
-    return normalize_vqa_answer(reply)
+    return normalize_vqa_answer(text)
 
 
 def binding_outcomes(replies: Mapping[str, str], keys: Iterable[Mapping[str, Any]],
@@ -42,16 +42,17 @@ def binding_outcomes(replies: Mapping[str, str], keys: Iterable[Mapping[str, Any
     by image path. Questions without a reply are left out; a key whose image has no scene is an error."""
     tallies: dict[str, dict[str, Any]] = {}
     for key in keys:
-        category = key.get("category")
-        if category not in ATTRIBUTE_VALUES or key["question_id"] not in replies:
+        where = f"answer key {key.get('question_id')}"
+        item = read_key_item(key, where)
+        category = item.category
+        if category not in ATTRIBUTE_VALUES or item.question_id not in replies:
             continue
-        where = f"answer key {key['question_id']}"
-        scene = scenes.get(key["image"])
+        scene = scenes.get(key.get("image"))
         if scene is None:
-            raise ValueError(f"{where}: no scene for image {key['image']!r}")
+            raise ValueError(f"{where}: no scene for image {key.get('image')!r}")
         in_scene = {getattr(obj, category) for obj in scene.objects}
-        value = reply_value(replies[key["question_id"]], key, where)
-        right = normalize_vqa_answer(key.get("answer_text", key["answer"]))
+        value = named_value(replies[item.question_id], item)
+        right = named_value(item.answer, item)
         if value == right:
             outcome = "right"
         elif value in in_scene:
@@ -110,4 +111,4 @@ def binding_markdown(rows: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ATTRIBUTE_VALUES", "OUTCOMES", "binding_markdown", "binding_outcomes", "mean_outcomes", "reply_value"]
+__all__ = ["ATTRIBUTE_VALUES", "OUTCOMES", "binding_markdown", "binding_outcomes", "mean_outcomes", "named_value"]
