@@ -197,25 +197,20 @@ def text_ceiling(llm: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..cache import file_digest
-    from ..diagnostics.binding import binding_outcomes
-    from ..diagnostics.text_accuracy import score_replies, text_replies
+    from ..diagnostics.text_accuracy import text_only_results
     from ..evaluation.records import read_jsonl
     from ..evaluation.text_ceiling import TextCeiling
 
     model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
-    found, binding = {}, {}
-    for name, with_description in (("with_description", True), ("without_description", False)):
-        replies, keys, scenes = text_replies(model, tokenizer, world, questions.split, None, with_description,
-                                             questions=list(read_jsonl(questions.questions)))
-        found[name] = score_replies(replies, keys, questions.split)
-        if with_description:
-            binding = binding_outcomes(replies, keys, scenes)
+    results = text_only_results(model, tokenizer, world, questions.split, None,
+                                questions=list(read_jsonl(questions.questions)))
+    found = {name: results[name] for name in ("with_description", "without_description")}
     name = f"{llm.parent.name}/{llm.name}"  # "shipped/llm", or the run's cache entry
     ceiling = TextCeiling.from_scores(found["with_description"], name, file_digest(questions.questions))
     log(f"text ceiling: {found['with_description']['overall']:.1%} with the description, "
         f"{found['without_description']['overall']:.1%} without")
-    return {"ceiling": ceiling, "scores": found, "binding": binding}
+    return {"ceiling": ceiling, "scores": found, "binding": results["binding"]}
 
 
 # --- training and evaluation -----------------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ from ..model.builder import image_processor_for
 from ..projectors import PROJECTORS, build_projector
 from ..vision import VisionTower
 from .probe import probe_tower
-from .binding import binding_outcomes
-from .text_accuracy import score_replies, text_replies
+from .text_accuracy import text_only_results
 
 
 def projector_layers(tower: VisionTower) -> dict[str, tuple[int, ...]]:
@@ -65,12 +64,10 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
     except OSError as err:  # transformers' "not a folder / no config / no tokenizer" errors
         raise ValueError(f"--llm {llm}: not a causal LM folder with its tokenizer ({err})") from None
     result: dict[str, Any] = {"llm": str(llm), "world": str(world), "split": split}
-    for name, with_description in (("with_description", True), ("without_description", False)):
-        replies, keys, scenes = text_replies(model, tokenizer, world, split, images, with_description)
-        scores = score_replies(replies, keys, split)
-        result[name] = {key: scores[key] for key in ("overall", "categories", "counts")}
-        if with_description:
-            result["binding"] = binding_outcomes(replies, keys, scenes)
+    found = text_only_results(model, tokenizer, world, split, images)
+    for name in ("with_description", "without_description"):
+        result[name] = {key: found[name][key] for key in ("overall", "categories", "counts")}
+    result["binding"] = found["binding"]
     return result
 
 

@@ -16,6 +16,7 @@ from ..demo.world.make import split_files
 from ..evaluation.metrics import score_answers
 from ..evaluation.records import read_jsonl
 from ..demo.encoders.description import describe_scene
+from .binding import binding_outcomes
 from .probe import read_scenes
 
 
@@ -95,20 +96,21 @@ def text_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, wor
     return {q["question_id"]: a for q, a in zip(chosen, answers)}, keys, scenes
 
 
-def text_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
-                split: str = "test", images: int | None = 100, with_description: bool = True,
-                template: str = "vicuna_v1", batch_size: int = 64, questions: list[dict] | None = None) -> dict:
-    """`score_answers` of `text_replies` (same arguments)."""
-    replies, keys, _ = text_replies(model, tokenizer, world, split, images, with_description, template, batch_size,
-                                    questions)
-    return score_replies(replies, keys, split)
+def text_only_results(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
+                      split: str = "test", images: int | None = 100,
+                      questions: list[dict] | None = None) -> dict[str, dict]:
+    """The LLM on the split's questions from text alone (arguments as `text_replies`): `score_answers` with the
+    scene description ("with_description") and without it ("without_description"), and the binding of its
+    attribute replies with the description ("binding", `binding_outcomes`)."""
+    results = {}
+    for name, with_description in (("with_description", True), ("without_description", False)):
+        replies, keys, scenes = text_replies(model, tokenizer, world, split, images, with_description,
+                                             questions=questions)
+        records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
+        results[name] = score_answers(records, keys, f"{split} answers", f"{split} answer key")
+        if with_description:
+            results["binding"] = binding_outcomes(replies, keys, scenes)
+    return results
 
 
-def score_replies(replies: dict[str, str], keys: list[dict], split: str) -> dict:
-    """`score_answers` of replies by question id against the split's answer-key records."""
-    records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
-    return score_answers(records, keys, f"{split} answers", f"{split} answer key")
-
-
-__all__ = ["greedy_answers", "prompt_ids", "question_prompts", "score_replies", "text_encoder", "text_replies",
-           "text_scores"]
+__all__ = ["greedy_answers", "prompt_ids", "question_prompts", "text_encoder", "text_only_results", "text_replies"]
