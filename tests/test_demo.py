@@ -91,6 +91,7 @@ def test_report_compares_every_projector_with_the_controls(demo_run):
     table = (report / "report.md").read_text()
     assert all(f"| {name} |" in table for name in arms())
     assert "blind control" in table and "text ceiling" in table.lower()
+    assert {"short", "mc"} == set(compared["types"]) and "## Accuracy by question format" in table
     for png in ("accuracy_by_category.png", "accuracy_by_region.png", "differences_vs_baseline.png"):
         with Image.open(report / png) as image:
             assert image.size[0] > 100 and image.size[1] > 100

@@ -210,6 +210,43 @@ def test_accuracy_by_region(tmp_path):
     assert "![accuracy by region](accuracy_by_region.png)" in markdown
 
 
+def test_accuracy_by_question_format(tmp_path):
+    """Every third question posed as multiple choice: each arm's and the text ceiling's accuracy per format, from
+    per-question rows and from counts alone, in report.json and in the report's format table."""
+    mc = {i for i in range(120) if i % 3 == 0}  # 40 questions
+
+    def with_formats(run):
+        rows = [{**row, "type": "mc" if i in mc else "short"} for i, row in enumerate(run["per_question"])]
+        return {**run, "per_question": rows}
+
+    runs = [with_formats(run) for run in RUNS]
+    text = ceiling().to_dict()
+    text["counts"]["types"] = {"short": {"correct": 78, "total": 80}, "mc": {"correct": 12, "total": 40}}
+    comparison = compare_runs(runs, text_ceiling=text)
+    assert comparison.types == ("mc", "short")  # in the order the questions first name them
+    for arm, right in (("mlp", BASELINE_RIGHT), ("sp", SP_RIGHT), ("blind", BLIND_RIGHT)):
+        found = comparison.arm(arm).accuracy["types"]
+        assert (found["mc"].correct, found["mc"].total) == (len(right & mc), 40)
+        assert (found["short"].correct, found["short"].total) == (len(right - mc), 80)
+    assert (len(SP_RIGHT & mc), len(BLIND_RIGHT & mc)) == (27, 10)  # 67.5% and 25.0%
+    counted = compare_runs([{k: v for k, v in run.items() if k != "per_question"}
+                            | {"counts": {**run["counts"], "types": {"mc": {"correct": 27, "total": 40}}}}
+                            for run in runs[1:2]])  # fmt: skip
+    assert counted.arm("sp").accuracy["types"]["mc"].value == 27 / 40
+    paths = write_report(comparison, tmp_path)
+    summary = json.loads(paths["json"].read_text())
+    assert summary["types"] == ["mc", "short"]
+    assert summary["text_ceiling"]["accuracy"]["types"]["mc"]["value"] == 0.3
+    markdown = paths["markdown"].read_text().split("## Accuracy by question format")[1].split("\n## ")[0]
+    assert "| Arm | Overall | mc | short |" in markdown
+    assert "| sp | 66.7 [" in markdown and "| 67.5 [" in markdown
+    assert "| blind (blind control) | 25.0 [" in markdown
+    assert "| text ceiling | 90.0 [" in markdown and "30.0 [" in markdown and "(12/40)" in markdown
+    # runs of one format (RUNS: all short answer): no such section
+    assert "## Accuracy by question format" not in write_report(compare_runs(RUNS[:2]), tmp_path / "plain")[
+        "markdown"].read_text()
+
+
 def test_seeds_mean_spread_and_paired_test_per_seed():
     runs = []
     for seed in range(3):

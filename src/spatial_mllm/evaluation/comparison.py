@@ -34,6 +34,7 @@ class Comparison:
     categories: tuple[str, ...]
     groups: tuple[str, ...]
     regions: tuple[str, ...]
+    types: tuple[str, ...]  # question formats (short answer, multiple choice)
     baseline: str | None  # arm names
     blind: str | None
     text_ceiling: TextCeiling | None
@@ -84,6 +85,7 @@ class Comparison:
             "categories": list(self.categories),
             "groups": list(self.groups),
             "regions": list(self.regions),
+            "types": list(self.types),
             "baseline": self.baseline,
             "blind_control": self.blind,
             "text_ceiling": ceiling,
@@ -160,6 +162,7 @@ def compare_runs(
         categories=_levels(arms, "categories"),
         groups=_levels(arms, "groups"),
         regions=_levels(arms, "regions"),
+        types=_levels(arms, "types"),
         baseline=base.name if base else None,
         blind=blind.name if blind else None,
         text_ceiling=ceiling,
@@ -235,4 +238,5 @@ def _ceiling_accuracy(ceiling: TextCeiling | None) -> dict[str, dict[str, Estima
         OVERALL: {OVERALL: estimate([ceiling.overall])},
         "categories": {name: estimate([tally]) for name, tally in ceiling.categories.items()},
         "groups": {name: estimate([tally]) for name, tally in ceiling.groups.items()},
+        "types": {name: estimate([tally]) for name, tally in ceiling.types.items()},
     }

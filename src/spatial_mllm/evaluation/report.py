@@ -96,6 +96,12 @@ def render_markdown(comparison: Comparison, files: Mapping[str, str] | None = No
         "## Accuracy by category\n\n" + accuracy_table(comparison, "categories")
         + _figure(files, "accuracy_by_category") + _figure(files, "accuracy_vs_visual_tokens"),
     ]
+    if len(comparison.types) > 1:  # one format would repeat the overall column
+        sections.append(
+            "## Accuracy by question format\n\n"
+            "As the answer key poses each question: short answer (a word or phrase), multiple choice (mc: the "
+            "option's letter, so the model must also find which option holds its answer) or yes/no.\n\n" + accuracy_table(comparison, "types")
+        )
     if comparison.baseline:
         sections.append(
             f"## Against the baseline {comparison.baseline}, question by question\n\n"

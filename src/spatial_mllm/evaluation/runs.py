@@ -3,10 +3,11 @@ version 2) whether each question was answered right, so that two runs can be com
 
 A run is a dict, e.g. a scores file of `spatial-mllm eval` (`score_answers(...)` merged with the run's facts):
   name (str, unique), projector (str), visual_tokens (int), overall (accuracy), categories ({name: accuracy});
-  counts ({"overall": {"correct", "total"}, "categories": {...}, "groups"?: {...}}) or, for POPE, pope (its splits'
-  tp/tn/total): the intervals need them;
-  optional: per_question ([{"question_id", "category", "group"?, "region"?, "correct"}]: paired tests and regions
-  need it), projector_parameters (int), latency_ms_per_sample, tokens_per_second, image_reliance
+  counts ({"overall": {"correct", "total"}, "categories": {...}, "groups"?: {...}, "types"?: {...}}) or, for
+  POPE, pope (its splits' tp/tn/total): the intervals need them;
+  optional: per_question ([{"question_id", "category", "group"?, "region"?, "type"?, "correct"}]: paired tests
+  and regions need it; type: the question's format, as the answer key gives it), projector_parameters (int),
+  latency_ms_per_sample, tokens_per_second, image_reliance
   (`ImageReliance.to_dict()`), benchmark, questions_file, questions_sha256 (which runs compare), control ("blind":
   the same recipe with every sample's image replaced by another's), arm (runs of one arm are seeds of one recipe;
   default: the name) and seed (int).
@@ -27,7 +28,7 @@ from .records import Tally, read_tallies, read_tally, require_field, require_tex
 CONTROLS = ("blind",)
 OVERALL = "overall"
 # What the accuracies of a run are broken down by; "overall" holds one entry, also named "overall".
-KINDS = ("overall", "categories", "groups", "regions")
+KINDS = ("overall", "categories", "groups", "regions", "types")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class QuestionOutcome:
     group: str
     region: str | None
     correct: bool
+    type: str | None = None  # the question's format: "short", "mc" (multiple choice), "yesno"
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,11 @@ def read_scores_file(path: str | Path) -> dict[str, Any]:
 
 
 def tally_outcomes(outcomes: Iterable[QuestionOutcome]) -> dict[str, dict[str, Tally]]:
-    """Right answers of total per kind of breakdown: overall, category, group and region (questions with a region)."""
+    """Right answers of total per kind of breakdown: overall, category, group, region and format (questions that
+    have one)."""
     counts: dict[str, dict[str, list[int]]] = {kind: {} for kind in KINDS}
     for outcome in outcomes:
-        names = (OVERALL, outcome.category, outcome.group, outcome.region)
+        names = (OVERALL, outcome.category, outcome.group, outcome.region, outcome.type)
         for kind, name in zip(KINDS, names):
             if name is not None:
                 tally = counts[kind].setdefault(name, [0, 0])
@@ -161,7 +164,8 @@ def _read_outcomes(rows: Any, where: str) -> tuple[QuestionOutcome, ...] | None:
             raise ValueError(f"{here}: field 'correct' must be true/false or 1/0, got {correct!r}")
         group = require_text(row, "group", here) if row.get("group") is not None else category
         region = require_text(row, "region", here) if row.get("region") is not None else None
-        outcomes.append(QuestionOutcome(question_id, category, group, region, bool(correct)))
+        question_type = require_text(row, "type", here) if row.get("type") is not None else None
+        outcomes.append(QuestionOutcome(question_id, category, group, region, bool(correct), question_type))
     return tuple(outcomes)
 
 
@@ -173,12 +177,12 @@ def _tallies(result: Mapping[str, Any], outcomes, where: str) -> dict[str, dict[
     if counts is not None:
         if not isinstance(counts, Mapping):
             raise ValueError(f"{where}: field 'counts' must be an object with 'overall' and 'categories'")
-        groups = counts.get("groups")
         overall = read_tally(require_field(counts, OVERALL, f"{where}, counts"), f"{where}, counts 'overall'")
-        return empty | {
+        optional = {kind: read_tallies(counts[kind], f"{where}, counts {kind!r}") for kind in ("groups", "types")
+                    if counts.get(kind) is not None}
+        return empty | optional | {
             OVERALL: {OVERALL: overall},
             "categories": read_tallies(require_field(counts, "categories", f"{where}, counts"), f"{where}, counts"),
-            "groups": read_tallies(groups, f"{where}, counts 'groups'") if groups is not None else {},
         }
     pope = result.get("pope")
     if isinstance(pope, Mapping) and isinstance(pope.get("splits"), Mapping):

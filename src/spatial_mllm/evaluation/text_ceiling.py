@@ -10,7 +10,8 @@ The file (JSON), small on purpose so that whoever measures it (the demo, a diagn
      "questions_sha256": "…" | null,                          # the question file, checked against the runs' if given
      "counts": {"overall": {"correct": 83, "total": 100},
                 "categories": {"color": {"correct": 9, "total": 10}, …},
-                "groups": {"attribute": {"correct": 30, "total": 40}, …}}}   # groups optional
+                "groups": {"attribute": {"correct": 30, "total": 40}, …},     # optional
+                "types": {"short": {"correct": 70, "total": 75}, …}}}         # optional: by question format
 
 `counts` has the layout of `score_answers(...)["counts"]`, so `TextCeiling.from_scores` wraps that output.
 """
@@ -35,6 +36,7 @@ class TextCeiling:
     overall: Tally
     categories: dict[str, Tally]
     groups: dict[str, Tally] = field(default_factory=dict)
+    types: dict[str, Tally] = field(default_factory=dict)  # by question format (short answer, multiple choice)
     questions_sha256: str | None = None
     condition: str = DEFAULT_CONDITION
 
@@ -61,12 +63,13 @@ class TextCeiling:
         digest = data.get("questions_sha256")
         if digest is not None and not isinstance(digest, str):
             raise ValueError(f"{where}: field 'questions_sha256' must be a string or null, got {digest!r}")
-        groups = counts.get("groups")
+        optional = {kind: read_tallies(counts[kind], f"{where}, {kind}") for kind in ("groups", "types")
+                    if counts.get(kind) is not None}
         return cls(
             model=require_text(data, "model", where),
             overall=read_tally(require_field(counts, "overall", f"{where}, counts"), f"{where}, counts 'overall'"),
             categories=read_tallies(require_field(counts, "categories", f"{where}, counts"), f"{where}, categories"),
-            groups=read_tallies(groups, f"{where}, groups") if groups is not None else {},
+            **optional,
             questions_sha256=digest,
             condition=str(data.get("condition") or DEFAULT_CONDITION),
         )
@@ -76,8 +79,9 @@ class TextCeiling:
             "overall": self.overall.to_dict(),
             "categories": {name: tally.to_dict() for name, tally in self.categories.items()},
         }
-        if self.groups:
-            counts["groups"] = {name: tally.to_dict() for name, tally in self.groups.items()}
+        for kind in ("groups", "types"):
+            if getattr(self, kind):
+                counts[kind] = {name: tally.to_dict() for name, tally in getattr(self, kind).items()}
         return {
             "text_ceiling_version": TEXT_CEILING_VERSION,
             "model": self.model,
