@@ -101,12 +101,33 @@ def test_report_compares_every_projector_with_the_controls(demo_run):
 @pytest.mark.slow
 def test_quick_baseline_reads_the_image(demo_run):
     """The baseline's held-out loss is lower with each sample's own image than with another's, by several standard
-    errors, while the blind control gains nothing from images (it never saw the right ones). Measured: 0.23 nats
-    per token (standard error 0.05) against 0.003. Accuracy gains in the 2-minute setting are within noise."""
+    errors, while the blind control gains nothing from images (it never saw the right ones). Measured: 0.58 nats
+    per token (standard error 0.10) against 0.006."""
     runs = {run["name"]: run for run in json.loads((demo_run / "report" / "demo.json").read_text())["runs"]}
     seeing, blind = runs["mlp2x_gelu"]["image_reliance"], runs[BLIND_ARM]["image_reliance"]
     assert seeing["gap"] > 0.1 and seeing["gap"] > 3 * seeing["gap_standard_error"]
     assert abs(blind["gap"]) < 0.02
+
+
+@pytest.mark.slow
+def test_quick_baseline_names_colours_the_blind_control_cannot(demo_run):
+    """Colour questions, recounted from the answers files: the baseline is right at least 20 points more often than
+    the blind control (measured: 11 vs 2 of 30). Existence is not learned in the 2-minute setting (10 vs 14 of 30;
+    the default setting: 74% vs 46%), so it is not asserted here."""
+    keys = {k["question_id"]: k for k in read_jsonl(demo_run / "data" / "test_answer_key.jsonl")}
+
+    def colour_accuracy(arm):
+        answers = read_jsonl(demo_run / "runs" / f"{arm}-seed0" / "eval" / "test_answers.jsonl")
+        # the colour word, or the option's letter for multiple choice
+        graded = [a["text"].strip().lower() == keys[a["question_id"]]["answer"].lower()
+                  for a in answers if keys[a["question_id"]]["category"] == "color"]  # fmt: skip
+        return sum(graded) / len(graded), len(graded)
+
+    (seeing, asked), (blind, _) = colour_accuracy("mlp2x_gelu"), colour_accuracy(BLIND_ARM)
+    assert asked >= 20
+    assert seeing >= blind + 0.20, (seeing, blind)
+    runs = {run["name"]: run for run in json.loads((demo_run / "report" / "demo.json").read_text())["runs"]}
+    assert runs["mlp2x_gelu"]["categories"]["color"] == pytest.approx(seeing)
 
 
 @pytest.mark.slow
