@@ -96,10 +96,17 @@ def test_llm_diagnosis_reports_binding_beside_accuracy(world, tmp_path, capsys):
         assert bound["right"] > bound["scene_guess_rate"] + 0.15
     assert color["right"] + color["other_object"] > 0.8  # it reads the scene's colours
     assert found["without_description"]["categories"]["color"] < color["right"] - 0.2
+    # by question format: short answers and multiple choice partition the questions
+    counts = found["with_description"]["counts"]
+    assert set(found["with_description"]["types"]) == {"short", "mc"}
+    assert sum(tally["total"] for tally in counts["types"].values()) == counts["overall"]["total"]
+    assert sum(tally["correct"] for tally in counts["types"].values()) == counts["overall"]["correct"]
 
     out = tmp_path / "llm.json"
     assert main(["diagnose", "--world", str(world), "--llm", str(shipped_encoder("llm")), "--images", "30",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "scene guess rate" in printed and "other" in printed
+    mc = found["with_description"]["types"]["mc"]
+    assert f"{'format mc':>14} {mc:>17.1%}" in printed
     assert json.loads(out.read_text())["llm"]["binding"]["color"]["questions"] == color["questions"]

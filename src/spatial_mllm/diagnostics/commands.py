@@ -73,6 +73,9 @@ def _print_text(found: dict) -> None:
     for category in sorted(with_text["categories"]):
         print(f"{category:>14} {with_text['categories'][category]:>17.1%} {without['categories'][category]:>8.1%}")
     print(f"{'overall':>14} {with_text['overall']:>17.1%} {without['overall']:>8.1%}")
+    for question_type in sorted(with_text["types"]):
+        label = f"format {question_type}"
+        print(f"{label:>14} {with_text['types'][question_type]:>17.1%} {without['types'][question_type]:>8.1%}")
     print("attribute replies with the description: right / another object's value / a value not in the scene / "
           "no value, beside the scene guess rate (naming one of the scene's values at random)")
     print(f"{'category':>14} {'questions':>9} {'right':>7} {'other':>7} {'absent':>7} {'none':>7} {'guess':>7}")

@@ -52,7 +52,8 @@ def diagnose_vision(vision: str | os.PathLike, world: str | os.PathLike, layers:
 def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = "test",
                  images: int | None = 100) -> dict[str, Any]:
     """The LLM's accuracy on the split's questions from text alone: with the scene description (its ceiling) and
-    without (the answer prior), by category; with the description, also how its attribute replies bind to the
+    without (the answer prior), by category and by question format (short answer, multiple choice); with the
+    description, also how its attribute replies bind to the
     object asked about (`binding_outcomes`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +67,7 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
     result: dict[str, Any] = {"llm": str(llm), "world": str(world), "split": split}
     found = text_only_results(model, tokenizer, world, split, images)
     for name in ("with_description", "without_description"):
-        result[name] = {key: found[name][key] for key in ("overall", "categories", "counts")}
+        result[name] = {key: found[name][key] for key in ("overall", "categories", "types", "counts")}
     result["binding"] = found["binding"]
     return result
 
