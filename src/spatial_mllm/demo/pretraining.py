@@ -76,14 +76,15 @@ class Schedule:
 def optimise(
     name: str,
     parameters: Sequence[torch.nn.Parameter],
-    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, str]],
+    batch_loss: Callable[[int, torch.Tensor], tuple[torch.Tensor, str]],
     rows: int,
     schedule: Schedule,
     log: Callable[[str], None] | None = None,
     log_every: int = 10,
 ) -> list[float]:
     """AdamW with warmup then cosine decay over `schedule.steps` batches of rows drawn at random (seeded) from
-    0..rows-1, gradients clipped at norm 1. `batch_loss(rows)` returns the batch's loss and a note for the log.
+    0..rows-1, gradients clipped at norm 1. `batch_loss(step, rows)` (step from 0) returns the batch's loss and a
+    note for the log.
     Returns the loss of every step; a non-finite loss stops the run with an error naming the step."""
     optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=schedule.weight_decay,
                                   betas=schedule.betas)
@@ -92,7 +93,7 @@ def optimise(
     losses: list[float] = []
     for step in range(schedule.steps):
         batch = torch.randint(0, rows, (schedule.batch_size,), generator=generator)
-        loss, note = batch_loss(batch)
+        loss, note = batch_loss(step, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

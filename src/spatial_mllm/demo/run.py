@@ -38,12 +38,14 @@ def log(message: str) -> None:
 @dataclass(frozen=True)
 class EvalSet:
     """The questions of one split's first images, as files: what every arm is asked (the blind control with
-    `blind_images` as its image folder: the same files, each image replaced by another of the split)."""
+    `blind_images` as its image folder: the same files, each image replaced by another of the split), and the
+    split's scenes by image path (what binding measures replies against)."""
 
     split: str
     questions: Path
     answer_key: Path
     blind_images: Path
+    scenes: dict[str, Any]
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
@@ -170,6 +172,7 @@ def blind_stage1(world: Path, out: Path) -> Path:
 
 def eval_set(world: Path, out: Path, split: str, plan: DemoPlan) -> EvalSet:
     """The questions of the split's first `plan.eval_images` images as files, and the blind control's image folder."""
+    from ..diagnostics.probe import read_scenes
     from ..evaluation.records import read_jsonl
     from ..files import write_text
     from .world.make import split_files
@@ -188,12 +191,13 @@ def eval_set(world: Path, out: Path, split: str, plan: DemoPlan) -> EvalSet:
         target = blind / image
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(world / replacement, target)
-    return EvalSet(split, paths["questions"], paths["answer_key"], blind)
+    scenes = {scene.image: scene for scene in read_scenes(world, split)}
+    return EvalSet(split, paths["questions"], paths["answer_key"], blind, scenes)
 
 
-def text_ceiling(llm: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
-    """The LLM's scores on the same questions with the scene description in place of the image (TextCeiling dict),
-    and how its attribute replies bind to the object asked about."""
+def text_ceilings(llm: Path, world: Path, eval_sets: dict[str, EvalSet]) -> dict[str, dict[str, Any]]:
+    """Per split: the LLM's scores on the same questions with the scene description in place of the image
+    (TextCeiling), with and without it, and how its attribute replies bind to the object asked about."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..cache import file_digest
@@ -203,14 +207,17 @@ def text_ceiling(llm: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
 
     model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
-    results = text_only_results(model, tokenizer, world, questions.split, None,
-                                questions=list(read_jsonl(questions.questions)))
-    found = {name: results[name] for name in ("with_description", "without_description")}
     name = f"{llm.parent.name}/{llm.name}"  # "shipped/llm", or the run's cache entry
-    ceiling = TextCeiling.from_scores(found["with_description"], name, file_digest(questions.questions))
-    log(f"text ceiling: {found['with_description']['overall']:.1%} with the description, "
-        f"{found['without_description']['overall']:.1%} without")
-    return {"ceiling": ceiling, "scores": found, "binding": results["binding"]}
+    ceilings = {}
+    for split, questions in eval_sets.items():
+        results = text_only_results(model, tokenizer, world, split, None,
+                                    questions=list(read_jsonl(questions.questions)))
+        found = {kind: results[kind] for kind in ("with_description", "without_description")}
+        ceiling = TextCeiling.from_scores(found["with_description"], name, file_digest(questions.questions))
+        log(f"text ceiling ({split}): {found['with_description']['overall']:.1%} with the description, "
+            f"{found['without_description']['overall']:.1%} without")
+        ceilings[split] = {"ceiling": ceiling, "scores": found, "binding": results["binding"]}
+    return ceilings
 
 
 # --- training and evaluation -----------------------------------------------------------------------------------------
@@ -284,16 +291,14 @@ def evaluate(model, processor, model_dir: Path, world: Path, questions: EvalSet,
     return evaluation.scores
 
 
-def answer_binding(answers: Path, world: Path, questions: EvalSet) -> dict[str, Any]:
+def answer_binding(answers: Path, questions: EvalSet) -> dict[str, Any]:
     """`binding_outcomes` of an arm's answers file against the questions' own scenes (for the blind control too:
     what it names, measured against the scene it was asked about)."""
     from ..diagnostics.binding import binding_outcomes
-    from ..diagnostics.probe import read_scenes
     from ..evaluation.records import read_jsonl
 
     replies = {record["question_id"]: record["text"] for record in read_jsonl(answers)}
-    scenes = {scene.image: scene for scene in read_scenes(world, questions.split)}
-    return binding_outcomes(replies, read_jsonl(questions.answer_key), scenes)
+    return binding_outcomes(replies, read_jsonl(questions.answer_key), questions.scenes)
 
 
 def measure_latency(model, processor, world: Path, plan: DemoPlan) -> dict[str, float]:
@@ -364,7 +369,7 @@ def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[
     }
     scores = {split: evaluate(model, processor, stage2, world, eval_sets[split], name, folder / "eval", arm.blind)
               for split in eval_sets}
-    binding = {split: answer_binding(folder / "eval" / f"{split}_answers.jsonl", world, eval_sets[split])
+    binding = {split: answer_binding(folder / "eval" / f"{split}_answers.jsonl", eval_sets[split])
                for split in eval_sets}
     facts.update(measure_latency(model, processor, world, plan))
     facts["seconds"] = time.perf_counter() - started  # training (or reuse) and evaluation of this arm and seed
@@ -422,7 +427,7 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
     if blind:
         data |= {"stage1_blind": blind_stage1(world, out), "train_blind": instruct_mix(world, out, "train", blind=True)}
     eval_sets = {split: eval_set(world, out, split, plan) for split in ("test", "holdout")}
-    ceilings = {split: text_ceiling(llm, world, eval_sets[split]) for split in eval_sets}
+    ceilings = text_ceilings(llm, world, eval_sets)
     features = cache_features(out, world, vit, feature_layers(vit, projectors, plan))
     arms = [Arm(name, name) for name in projectors] + ([Arm(BLIND_ARM, BLIND_PROJECTOR, blind=True)] if blind else [])
     runs = []

@@ -191,7 +191,7 @@ def pretrain_vit(
         heads = DenseHeads(config.width, config.head_layers)
     parameters = [*model.parameters(), *heads.parameters()]
 
-    def batch_loss(rows: torch.Tensor) -> tuple[torch.Tensor, str]:
+    def batch_loss(step: int, rows: torch.Tensor) -> tuple[torch.Tensor, str]:
         batch_targets = DenseTargets(*(getattr(targets, f.name)[rows] for f in dataclasses.fields(DenseTargets)))
         pixel_values = normalise_pixels(pixels[rows], image_processor)
         states = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states

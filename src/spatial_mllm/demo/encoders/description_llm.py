@@ -221,12 +221,9 @@ def pretrain_description_llm(
         model = LlamaForCausalLM(build_llama_config(config, tokenizer))
     copies = torch.Generator().manual_seed(config.seed + 2)
     first_copy_id = max(tokenizer.all_special_ids) + 1  # copy ordinary tokens only
-    taken = 0  # batches drawn so far: the first copy_steps are copy batches
 
-    def batch_loss(drawn: torch.Tensor) -> tuple[torch.Tensor, str]:
-        nonlocal taken
-        taken += 1
-        if taken <= config.copy_steps:
+    def batch_loss(step: int, drawn: torch.Tensor) -> tuple[torch.Tensor, str]:
+        if step < config.copy_steps:  # the copy warm-up comes first
             input_ids, labels = copy_batch(config.copy_rows, config.copy_length, config.copy_reverse_fraction,
                                            first_copy_id, len(tokenizer), tokenizer.bos_token_id, copies)
             note = "(copy warm-up)"
