@@ -6,7 +6,6 @@ naming the folder and the first mismatches, never a warning and a score.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -19,6 +18,7 @@ import transformers
 from safetensors import safe_open
 
 from ..cache import tokenizer_digest
+from ..files import read_json_object
 from .adapter import ADAPTER_FILES, attach_adapter
 from .configuration import RUN_INFO_FILE
 from .folder import WEIGHTS_FILE, WEIGHTS_INDEX, check_model_folder
@@ -31,13 +31,7 @@ logger = logging.getLogger(__name__)
 def run_info(folder: Path) -> dict[str, Any]:
     """What the run that wrote the folder recorded beside it (empty for folders not written by a run)."""
     path = folder / RUN_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return info if isinstance(info, dict) else {}
+    return read_json_object(path) if path.is_file() else {}
 
 
 def adapter_is_its_own(folder: Path, info: dict[str, Any]) -> bool:
@@ -81,7 +75,7 @@ LEGACY_KEY_MAPPING = {
 def _weight_names(folder: Path) -> list[str]:
     index = folder / WEIGHTS_INDEX
     if index.is_file():
-        return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+        return list(read_json_object(index).get("weight_map", {}))
     with safe_open(folder / WEIGHTS_FILE, "pt") as weights:
         return list(weights.keys())
 

@@ -8,12 +8,12 @@ no tensor in two shards. `.bin` files are read with `torch.load(weights_only=Tru
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..files import read_json_object
 from .official import read_state_dict
 
 # (single file, index file), in order of preference
@@ -35,11 +35,7 @@ def find_weights(folder: Path) -> list[Path] | None:
 
 def read_index(path: Path) -> dict[str, str]:
     """The `weight_map` (tensor name -> shard file name) of an index json."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{path}: no 'weight_map' of tensor name -> shard file")
     return weight_map
