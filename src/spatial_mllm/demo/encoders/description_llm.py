@@ -38,7 +38,6 @@ from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...evaluation.metrics import score_answers
 from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, save_pretrained_folder
 from .description import describe_scene
-from ...diagnostics.text_accuracy import greedy_answers, prompt_ids, text_encoder
 from .copy_warmup import copy_batch
 from .phrase_tokenizer import train_phrase_tokenizer
 
@@ -166,6 +165,9 @@ def build_llama_config(config: DescriptionLlmConfig, tokenizer: PreTrainedTokeni
 
 def held_out_accuracy(model, tokenizer, scenes: Sequence[Scene], seed: int) -> dict[str, float]:
     """Accuracy on one posed question per category of each held-out scene, with and without the description."""
+    # Imported here: the diagnostics read the world, whose package (spatial_mllm.demo) imports this module.
+    from ...diagnostics.text_accuracy import greedy_answers, prompt_ids
+
     policy = TextPolicy.for_split(WorldConfig(), "train", scenes)
     items = []
     for scene in scenes:
@@ -206,6 +208,8 @@ def pretrain_description_llm(
                                      eos_token="</s>")
     with tempfile.TemporaryDirectory() as scratch:  # saved with the model at the end
         tokenizer = train_phrase_tokenizer(texts, Path(scratch) / "tokenizer", config.vocab_size)
+    from ...diagnostics.text_accuracy import text_encoder  # see held_out_accuracy
+
     encoder = text_encoder(tokenizer)
     encoded = []
     for index, messages in enumerate(corpus):
