@@ -3,6 +3,7 @@ phrase tokenizer, packing), the shipped weights and their manifest, and the diag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -192,6 +193,9 @@ def test_shipped_manifest_records_how_each_encoder_was_made():
     assert llm["config"]["copy_steps"] > 0 and llm["config"]["world_seed"] == 1000
     assert llm["metrics"]["held_out_accuracy_with_description"] > 0.6  # the copy warm-up's doing (without: 0.50)
     assert llm["diagnostics"]["binding"]["shape"]["right"] > llm["diagnostics"]["binding"]["shape"]["scene_guess_rate"]
+    # `spatial-mllm world-encoders vit|llm` with its defaults remakes what ships (JSON keeps tuples as lists)
+    for found, config_class in ((vit, VitPretrainConfig), (llm, DescriptionLlmConfig)):
+        assert found["config"] == json.loads(json.dumps(dataclasses.asdict(config_class())))
     total = sum((SHIPPED_DIR / name / file).stat().st_size for name in manifest for file in manifest[name]["files"])
     assert total < 10 * 2**20  # a few MB
 
