@@ -63,7 +63,7 @@ class DescriptionLlmConfig:
     copy_rows: int = 64
     copy_length: tuple[int, int] = (20, 50)  # tokens per copied sequence, inclusive
     copy_reverse_fraction: float = 0.5
-    steps: int = 6000  # corpus steps, after the copy warm-up
+    steps: int = 3000  # corpus steps, after the copy warm-up
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
