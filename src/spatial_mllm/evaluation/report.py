@@ -100,7 +100,8 @@ def render_markdown(comparison: Comparison, files: Mapping[str, str] | None = No
         sections.append(
             "## Accuracy by question format\n\n"
             "As the answer key poses each question: short answer (a word or phrase), multiple choice (mc: the "
-            "option's letter, so the model must also find which option holds its answer) or yes/no.\n\n" + accuracy_table(comparison, "types")
+            "option's letter, so the model must also find which option holds its answer) or yes/no.\n\n"
+            + accuracy_table(comparison, "types")
         )
     if comparison.baseline:
         sections.append(
