@@ -1,6 +1,7 @@
 """Arms: the runs of one recipe (one per seed) grouped, with accuracies and their 95% intervals by overall,
-category, group, image region and question format. One run: its accuracy with the Wilson interval. Several seeds: the mean across
-seeds with the Student t interval of the mean, the standard deviation and each seed's accuracy beside it.
+category, group, image region and question format. One run: its accuracy with the Wilson interval. Several seeds:
+the mean across seeds with the Student t interval of the mean, the standard deviation and each seed's accuracy
+beside it.
 
 Runs sharing an `arm` are seeds of one recipe and need distinct seeds. The baseline is the arm named as asked, or
 the one arm with that projector (`mlp2x_gelu` by default); runs marked `"control": "blind"` form the blind control.
