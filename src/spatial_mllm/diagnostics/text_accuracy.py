@@ -73,13 +73,10 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     return answers
 
 
-def text_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
-                 split: str = "test", images: int | None = 100, with_description: bool = True,
-                 template: str = "vicuna_v1", batch_size: int = 64,
-                 questions: list[dict] | None = None) -> tuple[dict[str, str], list[dict], dict]:
-    """(reply by question id, answer-key records, scene by image path) of the LLM answering the split's questions
-    (of its first `images` images, or exactly `questions` when given) from the text alone, with or without the
-    scene description in place of the image."""
+def asked_questions(world: str | os.PathLike, split: str = "test", images: int | None = 100,
+                    questions: list[dict] | None = None) -> tuple[list[dict], list[dict], dict]:
+    """(questions, answer-key records, scene by image path): the split's questions of its first `images` images, or
+    exactly `questions` when given (each must be about a scene of the split)."""
     chosen, keys, scenes = question_prompts(world, split, images if questions is None else None)
     if questions is not None:
         wanted = {q["question_id"] for q in questions}
@@ -88,24 +85,33 @@ def text_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, wor
     if missing:
         raise ValueError(f"{len(missing)} questions name images that are not {split} scenes of {world}, "
                          f"e.g. {missing[0]}")
-    prompts = [prompt_ids(tokenizer, user_turn(q, scenes[q["image"]], with_description), template) for q in chosen]
+    return chosen, keys, scenes
+
+
+def answer_from_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[dict],
+                     scenes: dict, with_description: bool = True, template: str = "vicuna_v1",
+                     batch_size: int = 64) -> dict[str, str]:
+    """Reply by question id of the LLM answering `questions` from the text alone, with or without the scene
+    description in place of the image."""
+    prompts = [prompt_ids(tokenizer, user_turn(q, scenes[q["image"]], with_description), template)
+               for q in questions]
     was_training = model.training
     model.eval()
     answers = greedy_answers(model, tokenizer, prompts, batch_size)
     model.train(was_training)
-    return {q["question_id"]: a for q, a in zip(chosen, answers)}, keys, scenes
+    return {q["question_id"]: a for q, a in zip(questions, answers)}
 
 
 def text_only_results(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
                       split: str = "test", images: int | None = 100,
                       questions: list[dict] | None = None) -> dict[str, dict]:
-    """The LLM on the split's questions from text alone (arguments as `text_replies`): `score_answers` with the
-    scene description ("with_description") and without it ("without_description"), and the binding of its
-    attribute replies with the description ("binding", `binding_outcomes`)."""
+    """The LLM on the split's questions (as `asked_questions` selects them, read once) from text alone:
+    `score_answers` with the scene description ("with_description") and without it ("without_description"), and
+    the binding of its attribute replies with the description ("binding", `binding_outcomes`)."""
+    chosen, keys, scenes = asked_questions(world, split, images, questions)
     results = {}
     for name, with_description in (("with_description", True), ("without_description", False)):
-        replies, keys, scenes = text_replies(model, tokenizer, world, split, images, with_description,
-                                             questions=questions)
+        replies = answer_from_text(model, tokenizer, chosen, scenes, with_description)
         records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
         results[name] = score_answers(records, keys, f"{split} answers", f"{split} answer key")
         if with_description:
@@ -113,4 +119,5 @@ def text_only_results(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return results
 
 
-__all__ = ["greedy_answers", "prompt_ids", "question_prompts", "text_encoder", "text_only_results", "text_replies"]
+__all__ = ["answer_from_text", "asked_questions", "greedy_answers", "prompt_ids", "question_prompts", "text_encoder",
+           "text_only_results"]
