@@ -24,7 +24,6 @@ from spatial_mllm.demo.world import make_world
 from spatial_mllm.diagnostics.diagnose import diagnose_llm, diagnose_vision
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("encoder", choices=("vit", "llm"))

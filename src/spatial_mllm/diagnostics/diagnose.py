@@ -53,8 +53,7 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
                  images: int | None = 100) -> dict[str, Any]:
     """The LLM's accuracy on the split's questions from text alone: with the scene description (its ceiling) and
     without (the answer prior), by category and by question format (short answer, multiple choice); with the
-    description, also how its attribute replies bind to the
-    object asked about (`binding_outcomes`)."""
+    description, also how its attribute replies bind to the object asked about (`binding_outcomes`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(llm).is_dir() and not (Path(llm) / "config.json").is_file():
