@@ -146,3 +146,13 @@ def read_tallies(value: Any, where: str) -> dict[str, Tally]:
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"{where}: expected a non-empty object of name -> {{'correct', 'total'}}, got {value!r}")
     return {str(name): read_tally(tally, f"{where}, {name!r}") for name, tally in value.items()}
+
+
+# Breakdowns a scores file's or text ceiling's `counts` may carry beside overall and categories.
+OPTIONAL_BREAKDOWNS = ("groups", "types")
+
+
+def read_optional_tallies(counts: Mapping[str, Any], where: str) -> dict[str, dict[str, Tally]]:
+    """The optional breakdowns (`OPTIONAL_BREAKDOWNS`) that `counts` holds, each read as `read_tallies`."""
+    return {kind: read_tallies(counts[kind], f"{where} {kind!r}") for kind in OPTIONAL_BREAKDOWNS
+            if counts.get(kind) is not None}

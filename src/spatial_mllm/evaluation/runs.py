@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import Tally, read_tallies, read_tally, require_field, require_text
+from .records import Tally, read_optional_tallies, read_tallies, read_tally, require_field, require_text
 
 CONTROLS = ("blind",)
 OVERALL = "overall"
@@ -178,9 +178,7 @@ def _tallies(result: Mapping[str, Any], outcomes, where: str) -> dict[str, dict[
         if not isinstance(counts, Mapping):
             raise ValueError(f"{where}: field 'counts' must be an object with 'overall' and 'categories'")
         overall = read_tally(require_field(counts, OVERALL, f"{where}, counts"), f"{where}, counts 'overall'")
-        optional = {kind: read_tallies(counts[kind], f"{where}, counts {kind!r}") for kind in ("groups", "types")
-                    if counts.get(kind) is not None}
-        return empty | optional | {
+        return empty | read_optional_tallies(counts, f"{where}, counts") | {
             OVERALL: {OVERALL: overall},
             "categories": read_tallies(require_field(counts, "categories", f"{where}, counts"), f"{where}, counts"),
         }

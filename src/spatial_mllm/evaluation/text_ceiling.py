@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import Tally, read_tallies, read_tally, require_field, require_text
+from .records import (
+    OPTIONAL_BREAKDOWNS, Tally, read_optional_tallies, read_tallies, read_tally, require_field, require_text,
+)
 
 TEXT_CEILING_VERSION = 1
 DEFAULT_CONDITION = "scene description in place of the image"
@@ -63,13 +65,11 @@ class TextCeiling:
         digest = data.get("questions_sha256")
         if digest is not None and not isinstance(digest, str):
             raise ValueError(f"{where}: field 'questions_sha256' must be a string or null, got {digest!r}")
-        optional = {kind: read_tallies(counts[kind], f"{where}, {kind}") for kind in ("groups", "types")
-                    if counts.get(kind) is not None}
         return cls(
             model=require_text(data, "model", where),
             overall=read_tally(require_field(counts, "overall", f"{where}, counts"), f"{where}, counts 'overall'"),
             categories=read_tallies(require_field(counts, "categories", f"{where}, counts"), f"{where}, categories"),
-            **optional,
+            **read_optional_tallies(counts, f"{where}, counts"),
             questions_sha256=digest,
             condition=str(data.get("condition") or DEFAULT_CONDITION),
         )
@@ -79,7 +79,7 @@ class TextCeiling:
             "overall": self.overall.to_dict(),
             "categories": {name: tally.to_dict() for name, tally in self.categories.items()},
         }
-        for kind in ("groups", "types"):
+        for kind in OPTIONAL_BREAKDOWNS:
             if getattr(self, kind):
                 counts[kind] = {name: tally.to_dict() for name, tally in getattr(self, kind).items()}
         return {
