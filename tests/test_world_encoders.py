@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from fixtures.training import one_thread  # noqa: F401  (autouse: one torch thread)
@@ -23,16 +23,19 @@ from spatial_mllm.demo.encoders.description_llm import (
     DescriptionLlmConfig,
     build_corpus,
     conversation_batches,
+    corpus_batches,
     pretrain_description_llm,
     world_scenes,
 )
 from spatial_mllm.demo.encoders.patch_labels import BACKGROUND, centre_patch, dense_targets, label_map, patch_objects
 from spatial_mllm.demo.encoders.phrase_tokenizer import train_phrase_tokenizer
+from spatial_mllm.demo.encoders.scene_grid import cell_embeddings, cell_word_ids, place_cells
 from spatial_mllm.demo.encoders.shipped import SHIPPED_DIR, read_manifest, shipped_encoder
 from spatial_mllm.demo.world import make_world
 from spatial_mllm.demo.world.render import SUPERSAMPLE
 from spatial_mllm.demo.world.scene import COLORS, SHAPES, Scene, WorldConfig, WorldObject
 from spatial_mllm.diagnostics.diagnose import diagnose_vision
+from spatial_mllm.diagnostics.text_accuracy import greedy_answers, prompt_ids
 from spatial_mllm.model.chat_templates import VICUNA_V1
 from spatial_mllm.model.conversation import IGNORE_INDEX
 from spatial_mllm.vision import VisionTower
@@ -124,7 +127,8 @@ def test_pretraining_world_is_not_the_demo_world():
 def test_phrase_tokenizer_keeps_world_words_whole_and_is_lossless(tmp_path):
     config = DescriptionLlmConfig(scenes=40)
     corpus = build_corpus(world_scenes(5, 40), config, 5)
-    texts, _ = render_jinja_template(conversations=corpus, chat_template=VICUNA_V1, bos_token="<s>", eos_token="</s>")
+    texts, _ = render_jinja_template(conversations=[item.messages for item in corpus], chat_template=VICUNA_V1,
+                                     bos_token="<s>", eos_token="</s>")
     tokenizer = train_phrase_tokenizer(texts, tmp_path / "tok", vocab_size=600)
     text = "USER: Is there a red triangle? ASSISTANT: yes</s>"
     pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -136,14 +140,18 @@ def test_phrase_tokenizer_keeps_world_words_whole_and_is_lossless(tmp_path):
 
 def test_batches_keep_each_conversation_whole_in_its_own_row():
     encoded = [([n] * length, [n] * length) for n, length in enumerate((5, 4, 3, 6, 2, 3), start=1)]
-    batches = conversation_batches(encoded, 12, pad_id=0)
-    rows = [[[token for token in row.tolist() if token] for row in input_ids] for input_ids, _ in batches]
+    cells = [torch.full((4, 3), n) for n in range(1, 7)]
+    batches = conversation_batches(encoded, 12, pad_id=0, cell_ids=cells, grid_side=2)
+    rows = [[[token for token in row.tolist() if token] for row in batch.input_ids] for batch in batches]
     # by length: 2, 3, 3 | 4 (three rows of 4 would fit, but 5 is next: 2 x 5 = 10 fits) 5 | 6 (alone: 2 x 6 = 12)
     assert rows == [[[5] * 2, [3] * 3, [6] * 3], [[2] * 4, [1] * 5], [[4] * 6]]
-    assert [tuple(input_ids.shape) for input_ids, _ in batches] == [(3, 3), (2, 5), (1, 6)]
-    for input_ids, labels in batches:
+    assert [tuple(batch.input_ids.shape) for batch in batches] == [(3, 3), (2, 5), (1, 6)]
+    for batch in batches:
+        input_ids, labels = batch.input_ids, batch.labels
         assert input_ids.numel() <= 12 and (labels[input_ids == 0] == IGNORE_INDEX).all()
         assert (labels[input_ids != 0] == input_ids[input_ids != 0]).all()
+        # each row's cells travel with it
+        assert batch.grid_side == 2 and (batch.cell_ids[:, 0, 0] == input_ids[:, 0]).all()
 
 
 def test_copy_batches_repeat_or_reverse_their_first_half():
@@ -164,16 +172,105 @@ def test_copy_batches_repeat_or_reverse_their_first_half():
         copy_batch(4, (0, 6), 0.5, 5, 50, 1, generator)
 
 
+# --- the scene as grid cells -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world_tokenizer():
+    return AutoTokenizer.from_pretrained(SHIPPED_DIR / "llm")
+
+
+def test_grid_cells_hold_the_words_of_the_object_under_each_patch(world_tokenizer):
+    scene = two_object_scene()
+    cells = cell_word_ids(scene, 8, world_tokenizer)
+    assert cells.shape == (64, 3)
+    words = lambda ids: [world_tokenizer.decode([i]) for i in ids.tolist()]  # noqa: E731
+    assert words(cells[centre_patch(20, 30, 96, 96, 8)]) == [" large", " red", " square"]
+    assert words(cells[centre_patch(70, 75, 96, 96, 8)]) == [" small", " blue", " circle"]
+    background = (cells == world_tokenizer.convert_tokens_to_ids("<image>")).all(1)
+    assert background.tolist() == (patch_objects(scene, 8) == BACKGROUND).tolist() and 0 < background.sum() < 60
+
+
+def test_grid_cell_embeddings_average_the_words_then_pool_2x2():
+    embedding = torch.nn.Embedding(20, 4)
+    ids = torch.randint(0, 20, (2, 64, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, pooled = cell_embeddings(embedding, ids, 8), cell_embeddings(embedding, ids, 4)
+        assert full.shape == (2, 64, 4) and pooled.shape == (2, 16, 4)
+        torch.testing.assert_close(full[1, 5], embedding(ids[1, 5]).mean(0))
+        for row in range(2):  # each pooled cell: the mean of the 4 cells x 3 words under it
+            for r in range(4):
+                for c in range(4):
+                    under = torch.stack([ids[row, (2 * r + dr) * 8 + 2 * c + dc] for dr in (0, 1) for dc in (0, 1)])
+                    torch.testing.assert_close(pooled[row, r * 4 + c], embedding(under).mean((0, 1)))
+    with pytest.raises(ValueError, match="cannot pool a grid of 64 cells to 3x3"):
+        cell_embeddings(embedding, ids, 3)
+
+
+def test_place_cells_fills_each_rows_image_positions_in_order():
+    ids = torch.tensor([[1, 9, 9, 2], [9, 9, 3, 4]])
+    cells = torch.tensor([[[1.0], [2.0]], [[3.0], [4.0]]])
+    placed = place_cells(torch.zeros(2, 4, 1), ids, 9, cells)
+    assert placed[..., 0].tolist() == [[0, 1, 2, 0], [3, 4, 0, 0]]
+    with pytest.raises(ValueError, match="4 <image> positions for 2 x 1 grid cells"):
+        place_cells(torch.zeros(2, 4, 1), ids, 9, cells[:, :1])
+
+
+def test_grid_corpus_shows_some_scenes_as_cells_in_place_of_their_description(world_tokenizer):
+    scenes = world_scenes(5, 80)
+    plain = [item.messages for item in build_corpus(scenes, DescriptionLlmConfig(), 5)]
+    config = DescriptionLlmConfig(grid_fraction=0.5)
+    corpus = build_corpus(scenes, config, 5)
+    grids = [item for item in corpus if item.grid_side]
+    assert 20 <= len(grids) <= 60 and {item.grid_side for item in grids} == {8, 4}
+    for item in grids:
+        first = item.messages[0]["content"]
+        assert first.startswith("<image>\n") and "object" not in first.split("\n")[0]
+    texts = [item.messages for item in corpus if not item.grid_side]
+    assert texts and all(messages in plain for messages in texts)  # the text conversations are the plain ones
+    batches = corpus_batches(corpus, world_tokenizer, config)
+    image = world_tokenizer.convert_tokens_to_ids("<image>")
+    rows = {0: 0, 8: 0, 4: 0}
+    batched_cells = []
+    for batch in batches:
+        assert ((batch.input_ids == image).sum(1) == batch.grid_side**2).all()  # text rows hold none
+        rows[batch.grid_side] += len(batch.input_ids)
+        if batch.grid_side:
+            assert batch.cell_ids.shape == (len(batch.input_ids), 64, 3)
+            batched_cells += [tuple(cells.flatten().tolist()) for cells in batch.cell_ids]
+    assert rows == {side: sum(item.grid_side == side for item in corpus) for side in (0, 8, 4)}
+    expected = [tuple(cell_word_ids(item.grid_scene, 8, world_tokenizer).flatten().tolist()) for item in grids]
+    assert sorted(batched_cells) == sorted(expected)
+
+
+def test_greedy_answers_read_image_embeddings_as_the_tokens_they_embed(world_tokenizer):
+    config = LlamaConfig(vocab_size=len(world_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=world_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    questions = ("Is there a red circle?", "What shape is the small blue object in the image?")
+    words = world_tokenizer(" large red square blue", add_special_tokens=False)["input_ids"]
+    with_cells = [prompt_ids(world_tokenizer, f"<image>\n{q}", image_tokens=len(words)) for q in questions]
+    spelled = [prompt_ids(world_tokenizer, f" large red square blue\n{q}") for q in questions]
+    cells = [model.get_input_embeddings()(torch.tensor(words)).detach()] * 2
+    from_cells = greedy_answers(model, world_tokenizer, with_cells, image_embeds=cells, max_new_tokens=6)
+    assert from_cells == greedy_answers(model, world_tokenizer, spelled, max_new_tokens=6)
+    assert all(from_cells)  # six tokens each, not an empty decode
+    with pytest.raises(ValueError, match="1 image embeddings for 2 prompts"):
+        greedy_answers(model, world_tokenizer, with_cells, image_embeds=cells[:1])
+
+
 def test_description_llm_pretraining_saves_model_and_tokenizer(tmp_path):
     notes = []
     result = pretrain_description_llm(tmp_path / "llm", steps=60, warmup_steps=2, scenes=150, held_out_scenes=4,
                                       batch_tokens=2048, copy_steps=5, copy_rows=8, hidden=32, intermediate=64,
-                                      heads=2, kv_heads=1, vocab_size=400, lr=1e-2, log=notes.append)
+                                      heads=2, kv_heads=1, vocab_size=700, lr=1e-2, grid_fraction=0.3,
+                                      log=notes.append)
     steps = [note for note in notes if note.startswith("llm step ")]  # every third of 5 + 60 steps
     assert steps[0].startswith("llm step 3/65") and steps[0].endswith("(copy warm-up)")  # the first 5 copy
     assert steps[-1].startswith("llm step 63/65") and "copy" not in steps[-1]
+    assert any("(grid 8x8)" in note for note in steps) or any("(grid 4x4)" in note for note in steps)
     assert result.metrics["final_loss"] < 0.7 * result.metrics["initial_loss"]
-    assert 0 <= result.metrics["held_out_accuracy_with_description"] <= 1
+    for view in ("with_description", "without_description", "with_grid8", "with_grid4"):
+        assert 0 <= result.metrics[f"held_out_accuracy_{view}"] <= 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
     assert model.config.vocab_size == len(tokenizer) and model.config.hidden_size == 32

@@ -47,11 +47,16 @@ def save_pretrained_folder(out_dir: str | os.PathLike, parts: Sequence[Any], con
     return PretrainResult(Path(out_dir), metrics)
 
 
-def read_pretraining_metrics(folder: str | os.PathLike) -> dict[str, float]:
+def read_pretraining_record(folder: str | os.PathLike) -> dict[str, Any]:
+    """{"config": ..., "metrics": ...} of a folder written by pretraining."""
     path = Path(folder) / PRETRAINING_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {folder} is not a folder written by spatial_mllm pretraining")
-    return json.loads(path.read_text())["metrics"]
+    return json.loads(path.read_text())
+
+
+def read_pretraining_metrics(folder: str | os.PathLike) -> dict[str, float]:
+    return read_pretraining_record(folder)["metrics"]
 
 
 def cached_pretraining(
@@ -115,5 +120,5 @@ def loss_summary(losses: Sequence[float], window: int) -> dict[str, float]:
 
 __all__ = [
     "PRETRAINING_FILE", "PretrainResult", "Schedule", "cached_pretraining", "loss_summary", "optimise",
-    "read_pretraining_metrics", "save_pretrained_folder", "write_pretraining_record",
+    "read_pretraining_metrics", "read_pretraining_record", "save_pretrained_folder", "write_pretraining_record",
 ]

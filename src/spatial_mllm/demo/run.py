@@ -197,25 +197,30 @@ def eval_set(world: Path, out: Path, split: str, plan: DemoPlan) -> EvalSet:
 
 def text_ceilings(llm: Path, world: Path, eval_sets: dict[str, EvalSet]) -> dict[str, dict[str, Any]]:
     """Per split: the LLM's scores on the same questions with the scene description in place of the image
-    (TextCeiling), with and without it, and how its attribute replies bind to the object asked about."""
+    (TextCeiling), with and without it, and how its attribute replies bind to the object asked about; for an LLM
+    pretrained on grid cells also its scores from the exact cells ("with_grid<side>")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..cache import file_digest
     from ..diagnostics.text_accuracy import text_only_results
     from ..evaluation.records import read_jsonl
+    from .encoders.description_llm import taught_grid_sides
     from ..evaluation.text_ceiling import TextCeiling
 
     model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(llm))
     name = f"{llm.parent.name}/{llm.name}"  # "shipped/llm", or the run's cache entry
+    sides = taught_grid_sides(llm)
+    grids = [f"with_grid{side}" for side in sides]
     ceilings = {}
     for split, questions in eval_sets.items():
         results = text_only_results(model, tokenizer, world, split, None,
-                                    questions=list(read_jsonl(questions.questions)))
-        found = {kind: results[kind] for kind in ("with_description", "without_description")}
+                                    questions=list(read_jsonl(questions.questions)), grid_sides=sides)
+        found = {kind: results[kind] for kind in ("with_description", "without_description", *grids)}
         ceiling = TextCeiling.from_scores(found["with_description"], name, file_digest(questions.questions))
         log(f"text ceiling ({split}): {found['with_description']['overall']:.1%} with the description, "
-            f"{found['without_description']['overall']:.1%} without")
+            f"{found['without_description']['overall']:.1%} without"
+            + "".join(f", {found[grid]['overall']:.1%} from {grid.removeprefix('with_')} cells" for grid in grids))
         ceilings[split] = {"ceiling": ceiling, "scores": found, "binding": results["binding"]}
     return ceilings
 

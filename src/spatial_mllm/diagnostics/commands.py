@@ -67,15 +67,23 @@ def _print_probes(found: dict) -> None:
 
 def _print_text(found: dict) -> None:
     with_text, without = found["with_description"], found["without_description"]
+    grids = {name.removeprefix("with_"): found[name] for name in found if name.startswith("with_grid")}
     total = with_text["counts"]["overall"]["total"]
-    print(f"text-only accuracy of {found['llm']} on {total} {found['split']} questions")
-    print(f"{'category':>14} {'with description':>17} {'without':>8}")
+    print(f"text-only accuracy of {found['llm']} on {total} {found['split']} questions"
+          + (" (gridN: the scene as N x N grid cells in place of the image)" if grids else ""))
+    columns = {"with description": with_text, "without": without, **grids}
+    widths = [max(8, len(name) + 1) for name in columns]
+    print(f"{'category':>14} " + " ".join(f"{name:>{width}}" for name, width in zip(columns, widths)))
+
+    def row(label: str, kind: str, key: str | None) -> None:
+        values = [scores[kind][key] if key else scores[kind] for scores in columns.values()]
+        print(f"{label:>14} " + " ".join(f"{value:>{width}.1%}" for value, width in zip(values, widths)))
+
     for category in sorted(with_text["categories"]):
-        print(f"{category:>14} {with_text['categories'][category]:>17.1%} {without['categories'][category]:>8.1%}")
-    print(f"{'overall':>14} {with_text['overall']:>17.1%} {without['overall']:>8.1%}")
+        row(category, "categories", category)
+    row("overall", "overall", None)
     for question_type in sorted(with_text["types"]):
-        label = f"format {question_type}"
-        print(f"{label:>14} {with_text['types'][question_type]:>17.1%} {without['types'][question_type]:>8.1%}")
+        row(f"format {question_type}", "types", question_type)
     print("attribute replies with the description: right / another object's value / a value not in the scene / "
           "no value, beside the scene guess rate (naming one of the scene's values at random)")
     print(f"{'category':>14} {'questions':>9} {'right':>7} {'other':>7} {'absent':>7} {'none':>7} {'guess':>7}")
@@ -83,4 +91,5 @@ def _print_text(found: dict) -> None:
         print(f"{category:>14} {found_binding['questions']:>9} {found_binding['right']:>7.1%} "
               f"{found_binding['other_object']:>7.1%} {found_binding['not_in_scene']:>7.1%} "
               f"{found_binding['no_value']:>7.1%} {found_binding['scene_guess_rate']:>7.1%}")
-    print(json.dumps({"with_description": with_text["overall"], "without_description": without["overall"]}))
+    print(json.dumps({"with_description": with_text["overall"], "without_description": without["overall"],
+                      **{f"with_{name}": scores["overall"] for name, scores in grids.items()}}))

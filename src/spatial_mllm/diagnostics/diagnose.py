@@ -53,7 +53,10 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
                  images: int | None = 100) -> dict[str, Any]:
     """The LLM's accuracy on the split's questions from text alone: with the scene description (its ceiling) and
     without (the answer prior), by category and by question format (short answer, multiple choice); with the
-    description, also how its attribute replies bind to the object asked about (`binding_outcomes`)."""
+    description, also how its attribute replies bind to the object asked about (`binding_outcomes`). An LLM
+    pretrained on grid cells is also asked with each scene as the grid cells of every side it was taught
+    ("with_grid<side>": what a patch projector that made those cells exactly would let it reach)."""
+    from ..demo.encoders.description_llm import taught_grid_sides
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(llm).is_dir() and not (Path(llm) / "config.json").is_file():
@@ -64,8 +67,9 @@ def diagnose_llm(llm: str | os.PathLike, world: str | os.PathLike, split: str = 
     except OSError as err:  # transformers' "not a folder / no config / no tokenizer" errors
         raise ValueError(f"--llm {llm}: not a causal LM folder with its tokenizer ({err})") from None
     result: dict[str, Any] = {"llm": str(llm), "world": str(world), "split": split}
-    found = text_only_results(model, tokenizer, world, split, images)
-    for name in ("with_description", "without_description"):
+    sides = taught_grid_sides(llm)
+    found = text_only_results(model, tokenizer, world, split, images, grid_sides=sides)
+    for name in ("with_description", "without_description", *(f"with_grid{side}" for side in sides)):
         result[name] = {key: found[name][key] for key in ("overall", "categories", "types", "counts")}
     result["binding"] = found["binding"]
     return result

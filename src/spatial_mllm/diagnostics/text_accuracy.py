@@ -4,6 +4,7 @@ multimodal model can reach through this LLM) and without it (the answer prior: w
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from ..demo.world.make import split_files
 from ..evaluation.metrics import score_answers
 from ..evaluation.records import read_jsonl
 from ..demo.encoders.description import describe_scene
+from ..demo.encoders.scene_grid import cell_embeddings, cell_word_ids, place_cells
 from .binding import binding_outcomes
 from .probe import read_scenes
 
@@ -41,33 +43,45 @@ def user_turn(question: dict, scene, with_description: bool) -> str:
     return f"{describe_scene(scene)}\n{question['text']}" if with_description else question["text"]
 
 
-def text_encoder(tokenizer: PreTrainedTokenizerBase, template: str = "vicuna_v1") -> ConversationEncoder:
-    """The multimodal models' conversation encoding for a text-only LLM (no images, so no processor): the same
+def text_encoder(tokenizer: PreTrainedTokenizerBase, template: str = "vicuna_v1",
+                 image_tokens: int = 1) -> ConversationEncoder:
+    """The multimodal models' conversation encoding for an LLM without a vision tower (no processor): the same
     template rendering, tokenisation and exact answer labels, so that an LLM pretrained through it reads prompts
-    exactly as it will inside a multimodal model."""
-    return ConversationEncoder(tokenizer, resolve_chat_template(template, tokenizer), 1)
+    exactly as it will inside a multimodal model. Each `<image>` becomes `image_tokens` placeholder ids, for
+    whatever embeddings the caller puts there."""
+    return ConversationEncoder(tokenizer, resolve_chat_template(template, tokenizer), image_tokens)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, template: str = "vicuna_v1") -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, template: str = "vicuna_v1",
+               image_tokens: int = 1) -> list[int]:
     """Token ids of a one-turn prompt in `template`, up to the assistant's turn, tokenised as training tokenises."""
-    encoder = text_encoder(tokenizer, template)
+    encoder = text_encoder(tokenizer, template, image_tokens)
     text, _ = encoder.render([{"role": "user", "content": user_text}], add_generation_prompt=True)
     return encoder.encode_text(text)
 
 
 @torch.inference_mode()
 def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                   batch_size: int = 64, max_new_tokens: int = 4) -> list[str]:
-    """Greedy continuations of token-id prompts, left-padded in batches, decoded without special tokens."""
+                   batch_size: int = 64, max_new_tokens: int = 4,
+                   image_embeds: Sequence[torch.Tensor] | None = None) -> list[str]:
+    """Greedy continuations of token-id prompts, left-padded in batches, decoded without special tokens.
+    `image_embeds[i]` (tokens, width), when given, fills prompt i's `<image>` positions in order."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    if image_embeds is not None and len(image_embeds) != len(prompts):
+        raise ValueError(f"{len(image_embeds)} image embeddings for {len(prompts)} prompts")
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        inputs = {"input_ids": ids}
+        if image_embeds is not None:
+            cells = torch.stack(list(image_embeds[start : start + batch_size])).to(device)
+            embeds = model.get_input_embeddings()(ids)
+            inputs["inputs_embeds"] = place_cells(embeds, ids, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cells)
+        out = model.generate(**inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
     return answers
@@ -102,12 +116,32 @@ def answer_from_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return {q["question_id"]: a for q, a in zip(questions, answers)}
 
 
+def answer_from_grid(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[dict],
+                     scenes: dict, grid: int, side: int, template: str = "vicuna_v1",
+                     batch_size: int = 64) -> dict[str, str]:
+    """Reply by question id of the LLM answering `questions` with each scene as grid cells (`scene_grid`: the
+    object words under each of grid x grid patches, pooled to side x side) in place of the image: what a patch
+    projector that made those cells exactly would let it answer."""
+    prompts = [prompt_ids(tokenizer, f"{IMAGE_TOKEN}\n{q['text']}", template, side * side) for q in questions]
+    embedding = model.get_input_embeddings()
+    with torch.no_grad():
+        cells = [cell_embeddings(embedding, cell_word_ids(scenes[q["image"]], grid, tokenizer)[None], side)[0]
+                 for q in questions]
+    was_training = model.training
+    model.eval()
+    answers = greedy_answers(model, tokenizer, prompts, batch_size, image_embeds=cells)
+    model.train(was_training)
+    return {q["question_id"]: a for q, a in zip(questions, answers)}
+
+
 def text_only_results(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, world: str | os.PathLike,
-                      split: str = "test", images: int | None = 100,
-                      questions: list[dict] | None = None) -> dict[str, dict]:
+                      split: str = "test", images: int | None = 100, questions: list[dict] | None = None,
+                      grid_sides: Sequence[int] = ()) -> dict[str, dict]:
     """The LLM on the split's questions (as `asked_questions` selects them, read once) from text alone:
     `score_answers` with the scene description ("with_description") and without it ("without_description"), and
-    the binding of its attribute replies with the description ("binding", `binding_outcomes`)."""
+    the binding of its attribute replies with the description ("binding", `binding_outcomes`). With `grid_sides`
+    (the patch grid first, then its poolings), also from the scene's grid cells ("with_grid<side>",
+    `answer_from_grid`)."""
     chosen, keys, scenes = asked_questions(world, split, images, questions)
     results = {}
     for name, with_description in (("with_description", True), ("without_description", False)):
@@ -116,8 +150,12 @@ def text_only_results(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         results[name] = score_answers(records, keys, f"{split} answers", f"{split} answer key")
         if with_description:
             results["binding"] = binding_outcomes(replies, keys, scenes)
+    for side in grid_sides:
+        replies = answer_from_grid(model, tokenizer, chosen, scenes, grid_sides[0], side)
+        records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
+        results[f"with_grid{side}"] = score_answers(records, keys, f"{split} answers", f"{split} answer key")
     return results
 
 
-__all__ = ["answer_from_text", "asked_questions", "greedy_answers", "prompt_ids", "question_prompts", "text_encoder",
-           "text_only_results"]
+__all__ = ["answer_from_grid", "answer_from_text", "asked_questions", "greedy_answers", "prompt_ids",
+           "question_prompts", "text_encoder", "text_only_results"]

@@ -30,16 +30,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ...model.chat_templates import VICUNA_V1
+from ...model.configuration import IMAGE_TOKEN
 from ...model.conversation import IGNORE_INDEX
 from ..world.captions import DETAIL_PROMPTS, detailed_caption
 from ..world.questions import TextPolicy, ask_all, ask_vocabulary, pose, pose_short
 from ..world.records import MC_PROBABILITY
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...evaluation.metrics import score_answers
-from ..pretraining import PretrainResult, Schedule, loss_summary, optimise, save_pretrained_folder
+from ..pretraining import (
+    PretrainResult, Schedule, loss_summary, optimise, read_pretraining_record, save_pretrained_folder,
+)
 from .description import describe_scene
 from .copy_warmup import copy_batch
 from .phrase_tokenizer import train_phrase_tokenizer
+from .scene_grid import cell_embeddings, cell_word_ids, place_cells
 
 @dataclass(frozen=True)
 class DescriptionLlmConfig:
@@ -58,6 +62,8 @@ class DescriptionLlmConfig:
     turns: tuple[int, int] = (6, 10)  # questions per conversation, inclusive
     detail_probability: float = 0.2  # a conversation also asks for the detailed description
     text_only_fraction: float = 0.02  # conversations of the world's text-only questions
+    grid_fraction: float = 0.0  # conversations that show the scene as grid cells in place of the description
+    grid_sides: tuple[int, ...] = (8, 4)  # the patch grid (the ViT's, 96 / 12 px), then its poolings
     batch_tokens: int = 8192  # tokens per batch, padding included (rows of similar length)
     copy_steps: int = 700  # copy warm-up steps, before the corpus (0: none)
     copy_rows: int = 64
@@ -76,6 +82,10 @@ class DescriptionLlmConfig:
         for name in ("steps", "batch_tokens", "copy_rows", "scenes", "held_out_scenes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.grid_fraction <= 1:
+            raise ValueError(f"grid_fraction must be in [0, 1], got {self.grid_fraction}")
+        if any(self.grid_sides[0] % side for side in self.grid_sides):
+            raise ValueError(f"grid_sides must divide the first (the patch grid), got {self.grid_sides}")
         if not 1 <= self.turns[0] <= self.turns[1]:
             raise ValueError(f"turns must be (low, high) with 1 <= low <= high, got {self.turns}")
 
@@ -90,9 +100,10 @@ def world_scenes(seed: int, count: int, offset: int = 0, world: WorldConfig | No
     ]  # fmt: skip
 
 
-def description_conversation(scene: Scene, rng: random.Random, policy: TextPolicy,
-                             config: DescriptionLlmConfig) -> list[dict[str, str]]:
-    """The description in the first user turn, then questions of distinct categories (the world's own forms)."""
+def description_conversation(scene: Scene, rng: random.Random, policy: TextPolicy, config: DescriptionLlmConfig,
+                             shown: str | None = None) -> list[dict[str, str]]:
+    """The scene in the first user turn (its description, or `shown` in its place), then questions of distinct
+    categories (the world's own forms)."""
     qas = ask_all(scene, rng, policy)
     rng.shuffle(qas)
     turns = [(posed.text, posed.answer) for posed in
@@ -101,7 +112,7 @@ def description_conversation(scene: Scene, rng: random.Random, policy: TextPolic
         turns.insert(rng.randint(0, len(turns)), (rng.choice(DETAIL_PROMPTS), detailed_caption(scene, rng)))
     messages = []
     for k, (question, answer) in enumerate(turns):
-        text = f"{describe_scene(scene, rng)}\n{question}" if k == 0 else question
+        text = f"{shown or describe_scene(scene, rng)}\n{question}" if k == 0 else question
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -111,23 +122,52 @@ def text_only_conversation(rng: random.Random) -> list[dict[str, str]]:
     return [{"role": "user", "content": posed.text}, {"role": "assistant", "content": posed.answer}]
 
 
-def build_corpus(scenes: Sequence[Scene], config: DescriptionLlmConfig, seed: int) -> list[list[dict[str, str]]]:
-    """One description conversation per scene, plus text-only conversations, in a seeded order."""
+@dataclass(frozen=True)
+class CorpusConversation:
+    """A pretraining conversation; with a grid side, its `<image>` stands for `grid_scene` as side x side grid
+    cells (`scene_grid`)."""
+
+    messages: list[dict[str, str]]
+    grid_scene: Scene | None = None
+    grid_side: int = 0
+
+
+def build_corpus(scenes: Sequence[Scene], config: DescriptionLlmConfig, seed: int) -> list[CorpusConversation]:
+    """One conversation per scene (shown by its description, or with probability `grid_fraction` as grid cells of
+    a side drawn from `grid_sides`), plus text-only conversations, in a seeded order."""
     policy = TextPolicy.for_split(WorldConfig(), "train", scenes)
-    corpus = [
-        description_conversation(scene, random.Random(derive_seed(seed, "llm", scene.id)), policy, config)
-        for scene in scenes
-    ]
+    views = random.Random(derive_seed(seed, "llm-grid"))
+    corpus = []
+    for scene in scenes:
+        rng = random.Random(derive_seed(seed, "llm", scene.id))
+        if config.grid_fraction and views.random() < config.grid_fraction:
+            side = views.choice(config.grid_sides)
+            messages = description_conversation(scene, rng, policy, config, shown=IMAGE_TOKEN)
+            corpus.append(CorpusConversation(messages, scene, side))
+        else:
+            corpus.append(CorpusConversation(description_conversation(scene, rng, policy, config)))
     extra = round(config.text_only_fraction * len(scenes))
-    corpus += [text_only_conversation(random.Random(derive_seed(seed, "llm-text", k))) for k in range(extra)]
+    corpus += [CorpusConversation(text_only_conversation(random.Random(derive_seed(seed, "llm-text", k))))
+               for k in range(extra)]
     random.Random(derive_seed(seed, "llm-order")).shuffle(corpus)
     return corpus
 
 
-def conversation_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_tokens: int,
-                         pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+@dataclass(frozen=True)
+class CorpusBatch:
+    """Rows of whole conversations, padded after each; grid batches carry their rows' cell word ids
+    (rows, grid*grid, 3) and the side their cells are pooled to."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    cell_ids: torch.Tensor | None = None
+    grid_side: int = 0
+
+
+def conversation_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_tokens: int, pad_id: int,
+                         cell_ids: Sequence[torch.Tensor] | None = None, grid_side: int = 0) -> list[CorpusBatch]:
     """Conversations sorted by length and cut into batches of at most `batch_tokens` tokens (padding included),
-    one conversation per row, padded after it: [(input ids, labels), ...] in length order."""
+    one conversation per row, padded after it, in length order. `cell_ids[i]` goes with conversation i."""
     order = sorted(range(len(encoded)), key=lambda index: len(encoded[index][0]))
     batches = []
     start = 0
@@ -135,16 +175,50 @@ def conversation_batches(encoded: Sequence[tuple[list[int], list[int]]], batch_t
         end = start + 1  # the longest of the batch is its last: grow while the padded batch fits
         while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= batch_tokens:
             end += 1
-        chosen = [encoded[index] for index in order[start:end]]
-        width = len(chosen[-1][0])
-        input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chosen), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(chosen):
+        members = order[start:end]
+        width = len(encoded[members[-1]][0])
+        input_ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(members), width), IGNORE_INDEX, dtype=torch.long)
+        for row, index in enumerate(members):
+            ids, row_labels = encoded[index]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(row_labels)] = torch.tensor(row_labels)
-        batches.append((input_ids, labels))
+        cells = None if cell_ids is None else torch.stack([cell_ids[index] for index in members])
+        batches.append(CorpusBatch(input_ids, labels, cells, grid_side))
         start = end
     return batches
+
+
+def corpus_batches(corpus: Sequence[CorpusConversation], tokenizer: PreTrainedTokenizerBase,
+                   config: DescriptionLlmConfig) -> list[CorpusBatch]:
+    """Text conversations and the grid conversations of each side batched apart (a grid side fixes the number of
+    `<image>` positions), text first."""
+    from ...diagnostics.text_accuracy import text_encoder  # see held_out_accuracy
+
+    batches = []
+    for side in (0, *config.grid_sides):
+        members = [index for index, item in enumerate(corpus) if item.grid_side == side]
+        if not members:
+            continue
+        encoder = text_encoder(tokenizer, image_tokens=max(1, side * side))
+        encoded = []
+        for index in members:
+            conversation = encoder.encode(corpus[index].messages, f"pretraining conversation {index}")
+            encoded.append((conversation.input_ids, conversation.labels))
+        cells = None
+        if side:
+            cells = [cell_word_ids(corpus[index].grid_scene, config.grid_sides[0], tokenizer) for index in members]
+        batches += conversation_batches(encoded, config.batch_tokens, tokenizer.pad_token_id, cells, side)
+    return batches
+
+
+def grid_inputs(model, batch: CorpusBatch, image_token_id: int) -> dict[str, torch.Tensor]:
+    """The model's inputs for a batch: its ids, or for a grid batch embeddings with the cells at `<image>`."""
+    if batch.cell_ids is None:
+        return {"input_ids": batch.input_ids}
+    embedding = model.get_input_embeddings()
+    cells = cell_embeddings(embedding, batch.cell_ids, batch.grid_side)
+    return {"inputs_embeds": place_cells(embedding(batch.input_ids), batch.input_ids, image_token_id, cells)}
 
 
 def build_llama_config(config: DescriptionLlmConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -163,30 +237,53 @@ def build_llama_config(config: DescriptionLlmConfig, tokenizer: PreTrainedTokeni
     )
 
 
-def held_out_accuracy(model, tokenizer, scenes: Sequence[Scene], seed: int) -> dict[str, float]:
-    """Accuracy on one posed question per category of each held-out scene, with and without the description."""
+def held_out_accuracy(model, tokenizer, scenes: Sequence[Scene], config: DescriptionLlmConfig) -> dict[str, float]:
+    """Accuracy on one posed question per category of each held-out scene, with and without the description, and
+    (when the corpus shows grids) with the scene as grid cells of each side."""
     # Imported here: the diagnostics read the world, whose package (spatial_mllm.demo) imports this module.
     from ...diagnostics.text_accuracy import greedy_answers, prompt_ids
 
     policy = TextPolicy.for_split(WorldConfig(), "train", scenes)
     items = []
     for scene in scenes:
-        rng = random.Random(derive_seed(seed, "llm-held-out", scene.id))
+        rng = random.Random(derive_seed(config.world_seed, "llm-held-out", scene.id))
         for k, qa in enumerate(ask_all(scene, rng, policy)):
             posed = pose(qa, rng, MC_PROBABILITY)
             key = {"question_id": f"{scene.id}_q{k}", "category": qa.category, "format": posed.format,
                    "answer": posed.answer, "answer_text": posed.answer_text, "options": list(posed.options)}
             items.append((scene, posed.text, key))
+    views = {"with_description": None, "without_description": None}
+    if config.grid_fraction:
+        views |= {f"with_grid{side}": side for side in config.grid_sides}
     metrics = {}
-    for name, with_description in (("with_description", True), ("without_description", False)):
-        prompts = [prompt_ids(tokenizer, f"{describe_scene(s)}\n{text}" if with_description else text)
-                   for s, text, _ in items]
-        answers = greedy_answers(model, tokenizer, prompts)
+    for name, side in views.items():
+        if side is None:
+            with_description = name == "with_description"
+            prompts = [prompt_ids(tokenizer, f"{describe_scene(s)}\n{text}" if with_description else text)
+                       for s, text, _ in items]
+            answers = greedy_answers(model, tokenizer, prompts)
+        else:
+            prompts = [prompt_ids(tokenizer, f"{IMAGE_TOKEN}\n{text}", image_tokens=side * side) for _, text, _ in items]
+            with torch.no_grad():
+                cells = [cell_embeddings(model.get_input_embeddings(),
+                                         cell_word_ids(s, config.grid_sides[0], tokenizer)[None], side)[0]
+                         for s, _, _ in items]
+            answers = greedy_answers(model, tokenizer, prompts, image_embeds=cells)
         records = [{"question_id": key["question_id"], "text": a} for (_, _, key), a in zip(items, answers)]
         scores = score_answers(records, [key for _, _, key in items])
         metrics[f"held_out_accuracy_{name}"] = scores["overall"]
         metrics |= {f"held_out_{name}_{category}": value for category, value in scores["categories"].items()}
     return metrics
+
+
+def taught_grid_sides(folder: str | os.PathLike) -> tuple[int, ...]:
+    """The grid sides a pretrained LLM folder was shown scenes in (its pretraining record), or () if none (or the
+    folder was not made by this pretraining)."""
+    try:
+        config = read_pretraining_record(folder)["config"]
+    except FileNotFoundError:
+        return ()
+    return tuple(config.get("grid_sides", ())) if config.get("grid_fraction") else ()
 
 
 def pretrain_description_llm(
@@ -204,39 +301,35 @@ def pretrain_description_llm(
     out_dir = Path(out_dir)
     corpus = build_corpus(world_scenes(config.world_seed, config.scenes), config, config.world_seed)
     # The tokenizer is trained first, on the rendered corpus (the template needs only the special tokens' text).
-    texts, _ = render_jinja_template(conversations=corpus, chat_template=VICUNA_V1, bos_token="<s>",
-                                     eos_token="</s>")
+    texts, _ = render_jinja_template(conversations=[item.messages for item in corpus], chat_template=VICUNA_V1,
+                                     bos_token="<s>", eos_token="</s>")
     with tempfile.TemporaryDirectory() as scratch:  # saved with the model at the end
         tokenizer = train_phrase_tokenizer(texts, Path(scratch) / "tokenizer", config.vocab_size)
-    from ...diagnostics.text_accuracy import text_encoder  # see held_out_accuracy
-
-    encoder = text_encoder(tokenizer)
-    encoded = []
-    for index, messages in enumerate(corpus):
-        conversation = encoder.encode(messages, f"pretraining conversation {index}")
-        encoded.append((conversation.input_ids, conversation.labels))
-    batches = conversation_batches(encoded, config.batch_tokens, tokenizer.pad_token_id)
+    batches = corpus_batches(corpus, tokenizer, config)
     if log is not None:
-        supervised = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
-        log(f"llm corpus: {len(corpus)} conversations in {len(batches)} batches of at most {config.batch_tokens} "
-            f"tokens, {supervised} supervised tokens, vocabulary {len(tokenizer)}")
+        supervised = sum(int((batch.labels != IGNORE_INDEX).sum()) for batch in batches)
+        grids = sum(item.grid_side > 0 for item in corpus)
+        log(f"llm corpus: {len(corpus)} conversations ({grids} with grid cells) in {len(batches)} batches of at "
+            f"most {config.batch_tokens} tokens, {supervised} supervised tokens, vocabulary {len(tokenizer)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM(build_llama_config(config, tokenizer))
     copies = torch.Generator().manual_seed(config.seed + 2)
     first_copy_id = max(tokenizer.all_special_ids) + 1  # copy ordinary tokens only
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def batch_loss(step: int, drawn: torch.Tensor) -> tuple[torch.Tensor, str]:
         if step < config.copy_steps:  # the copy warm-up comes first
-            input_ids, labels = copy_batch(config.copy_rows, config.copy_length, config.copy_reverse_fraction,
-                                           first_copy_id, len(tokenizer), tokenizer.bos_token_id, copies)
+            batch = CorpusBatch(*copy_batch(config.copy_rows, config.copy_length, config.copy_reverse_fraction,
+                                            first_copy_id, len(tokenizer), tokenizer.bos_token_id, copies))
             note = "(copy warm-up)"
         else:
-            input_ids, labels = batches[int(drawn[0])]
-            note = ""
-        attention_mask = (input_ids != tokenizer.pad_token_id).long()
+            batch = batches[int(drawn[0])]
+            note = f"(grid {batch.grid_side}x{batch.grid_side})" if batch.grid_side else ""
+        inputs = grid_inputs(model, batch, image_token_id)
+        attention_mask = (batch.input_ids != tokenizer.pad_token_id).long()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss = model(**inputs, attention_mask=attention_mask, labels=batch.labels).loss
         return loss, note
 
     model.train()
@@ -249,7 +342,7 @@ def pretrain_description_llm(
     held_out = world_scenes(config.world_seed, config.held_out_scenes, offset=config.scenes)
     metrics = {
         **loss_summary(losses, 50),
-        **held_out_accuracy(model, tokenizer, held_out, config.world_seed),
+        **held_out_accuracy(model, tokenizer, held_out, config),
         "seconds": time.perf_counter() - started,
     }
 
@@ -260,4 +353,7 @@ def pretrain_description_llm(
     return result
 
 
-__all__ = ["DescriptionLlmConfig", "build_corpus", "conversation_batches", "pretrain_description_llm", "world_scenes"]
+__all__ = [
+    "CorpusBatch", "CorpusConversation", "DescriptionLlmConfig", "build_corpus", "conversation_batches",
+    "corpus_batches", "pretrain_description_llm", "taught_grid_sides", "world_scenes",
+]
