@@ -9,7 +9,12 @@ scene, and no held-out colour+shape pair, is ever named. Loss is on the answers 
 row, whole (a question cut off from its description could only teach the answer prior, and one conversation
 reading another's description would learn to mix scenes), in batches of conversations of similar length.
 Training starts with the copy warm-up (`copy_warmup`), without which the model never binds an attribute to the
-object a question names.
+object a question names. Half the conversations (`grid_fraction`) show their scene not by its description but as
+grid cells in the LLM's own embeddings at `<image>` (`scene_grid`), 8x8 or pooled to 4x4: the layout a patch
+projector produces, so that the LLM reads places off the order of visual tokens before stage 2 asks it to.
+Measured (2 layers, 6,000 corpus steps, held out): 79.5% from the description, 77.9% / 75.8% from 8x8 / 4x4 cells;
+on the demo the MLP baseline then reached 75.2% where the same LLM trained on descriptions alone (77.7% from text)
+gave 60.4% and 52.1%, its left/right and above/below answers at chance.
 The saved folder holds the model and its tokenizer (`spatial_mllm.encoders.tokenizer`): AutoModelForCausalLM and
 AutoTokenizer load it.
 """
@@ -62,14 +67,14 @@ class DescriptionLlmConfig:
     turns: tuple[int, int] = (6, 10)  # questions per conversation, inclusive
     detail_probability: float = 0.2  # a conversation also asks for the detailed description
     text_only_fraction: float = 0.02  # conversations of the world's text-only questions
-    grid_fraction: float = 0.0  # conversations that show the scene as grid cells in place of the description
+    grid_fraction: float = 0.5  # conversations that show the scene as grid cells in place of the description
     grid_sides: tuple[int, ...] = (8, 4)  # the patch grid (the ViT's, 96 / 12 px), then its poolings
     batch_tokens: int = 8192  # tokens per batch, padding included (rows of similar length)
     copy_steps: int = 700  # copy warm-up steps, before the corpus (0: none)
     copy_rows: int = 64
     copy_length: tuple[int, int] = (20, 50)  # tokens per copied sequence, inclusive
     copy_reverse_fraction: float = 0.5
-    steps: int = 3000  # corpus steps, after the copy warm-up
+    steps: int = 6000  # corpus steps, after the copy warm-up
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
