@@ -87,7 +87,12 @@ def test_report_compares_every_projector_with_the_controls(demo_run):
     assert compared["text_ceiling"]["questions_sha256"] == runs["mlp2x_gelu"]["questions_sha256"]
     assert len(compared["versus_baseline"]) > 0 and len(compared["versus_blind"]) > 0
     text = summary["text_only"]["test"]
-    assert text["with_description"]["overall"] > text["without_description"]["overall"] + 0.03  # 46% vs 40%
+    without = text["without_description"]["overall"]
+    assert text["with_description"]["overall"] > without + 0.2  # measured: 79% vs 38%
+    # the shipped LLM was pretrained on grid cells too: its level from the exact cells of every side it was taught
+    # (measured: 77% from 8x8 cells, 71% from 4x4)
+    assert {"with_grid8", "with_grid4"} <= set(text)
+    assert min(text["with_grid8"]["overall"], text["with_grid4"]["overall"]) > without + 0.2
     table = (report / "report.md").read_text()
     assert all(f"| {name} |" in table for name in arms())
     assert "blind control" in table and "text ceiling" in table.lower()

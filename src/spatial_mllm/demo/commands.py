@@ -52,13 +52,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _register_world_encoders(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "world-encoders",
-        help="pretrain the built-in world's ViT (dense) or LLM (from scene descriptions), as shipped",
+        help="pretrain the built-in world's ViT (dense) or LLM (scene descriptions and grids), as shipped",
         description=(
             "Remake an encoder the demo ships: `vit` trains a CLIPVisionModel whose every patch names the colour, "
             "shape, size and centre of the object under it; `llm` trains a Llama (and its tokenizer) to answer the "
-            "world's questions from a written scene description. Both use a pretraining world of their own seed "
-            "(train split only). With the defaults and --threads 1 this reproduces the shipped weights; options "
-            "override the config (e.g. --set steps=500)."
+            "world's questions from a written scene description and from the scene as grid cells in place of the "
+            "image. Both use a pretraining world of their own seed (train split only). With the defaults and the "
+            "--threads the shipped manifest records this reproduces the shipped weights; options override the "
+            "config (e.g. --set steps=500)."
         ),
     )
     parser.add_argument("encoder", choices=("vit", "llm"))

@@ -246,36 +246,27 @@ def held_out_accuracy(model, tokenizer, scenes: Sequence[Scene], config: Descrip
     """Accuracy on one posed question per category of each held-out scene, with and without the description, and
     (when the corpus shows grids) with the scene as grid cells of each side."""
     # Imported here: the diagnostics read the world, whose package (spatial_mllm.demo) imports this module.
-    from ...diagnostics.text_accuracy import greedy_answers, prompt_ids
+    from ...diagnostics.text_accuracy import answer_from_grid, answer_from_text
 
     policy = TextPolicy.for_split(WorldConfig(), "train", scenes)
-    items = []
+    questions, keys = [], []
     for scene in scenes:
         rng = random.Random(derive_seed(config.world_seed, "llm-held-out", scene.id))
         for k, qa in enumerate(ask_all(scene, rng, policy)):
             posed = pose(qa, rng, MC_PROBABILITY)
-            key = {"question_id": f"{scene.id}_q{k}", "category": qa.category, "format": posed.format,
-                   "answer": posed.answer, "answer_text": posed.answer_text, "options": list(posed.options)}
-            items.append((scene, posed.text, key))
-    views = {"with_description": None, "without_description": None}
+            question_id = f"{scene.id}_q{k}"
+            questions.append({"question_id": question_id, "image": scene.id, "text": posed.text})
+            keys.append({"question_id": question_id, "category": qa.category, "format": posed.format,
+                         "answer": posed.answer, "answer_text": posed.answer_text, "options": list(posed.options)})
+    by_id = {scene.id: scene for scene in scenes}
+    replies = {name: answer_from_text(model, tokenizer, questions, by_id, name == "with_description")
+               for name in ("with_description", "without_description")}
     if config.grid_fraction:
-        views |= {f"with_grid{side}": side for side in config.grid_sides}
+        replies |= {f"with_grid{side}": answer_from_grid(model, tokenizer, questions, by_id, config.grid_sides[0], side)
+                    for side in config.grid_sides}
     metrics = {}
-    for name, side in views.items():
-        if side is None:
-            with_description = name == "with_description"
-            prompts = [prompt_ids(tokenizer, f"{describe_scene(s)}\n{text}" if with_description else text)
-                       for s, text, _ in items]
-            answers = greedy_answers(model, tokenizer, prompts)
-        else:
-            prompts = [prompt_ids(tokenizer, f"{IMAGE_TOKEN}\n{text}", image_tokens=side * side) for _, text, _ in items]
-            with torch.no_grad():
-                cells = [cell_embeddings(model.get_input_embeddings(),
-                                         cell_word_ids(s, config.grid_sides[0], tokenizer)[None], side)[0]
-                         for s, _, _ in items]
-            answers = greedy_answers(model, tokenizer, prompts, image_embeds=cells)
-        records = [{"question_id": key["question_id"], "text": a} for (_, _, key), a in zip(items, answers)]
-        scores = score_answers(records, [key for _, _, key in items])
+    for name, answers in replies.items():
+        scores = score_answers([{"question_id": qid, "text": text} for qid, text in answers.items()], keys)
         metrics[f"held_out_accuracy_{name}"] = scores["overall"]
         metrics |= {f"held_out_{name}_{category}": value for category, value in scores["categories"].items()}
     return metrics
