@@ -239,6 +239,9 @@ def test_grid_corpus_shows_some_scenes_as_cells_in_place_of_their_description(wo
     assert rows == {side: sum(item.grid_side == side for item in corpus) for side in (0, 8, 4)}
     expected = [tuple(cell_word_ids(item.grid_scene, 8, world_tokenizer).flatten().tolist()) for item in grids]
     assert sorted(batched_cells) == sorted(expected)
+    for sides in ((8, 3), (8, 8), (8, 0), ()):
+        with pytest.raises(ValueError, match="grid_sides must be distinct positive sides"):
+            DescriptionLlmConfig(grid_sides=sides)
 
 
 def test_greedy_answers_read_image_embeddings_as_the_tokens_they_embed(world_tokenizer):

@@ -89,8 +89,10 @@ class DescriptionLlmConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.grid_fraction <= 1:
             raise ValueError(f"grid_fraction must be in [0, 1], got {self.grid_fraction}")
-        if any(self.grid_sides[0] % side for side in self.grid_sides):
-            raise ValueError(f"grid_sides must divide the first (the patch grid), got {self.grid_sides}")
+        sides = self.grid_sides
+        if not sides or min(sides) < 1 or len(set(sides)) != len(sides) or any(sides[0] % side for side in sides):
+            raise ValueError(f"grid_sides must be distinct positive sides that divide the first (the patch grid), "
+                             f"got {sides}")
         if not 1 <= self.turns[0] <= self.turns[1]:
             raise ValueError(f"turns must be (low, high) with 1 <= low <= high, got {self.turns}")
 
