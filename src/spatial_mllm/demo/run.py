@@ -204,8 +204,8 @@ def text_ceilings(llm: Path, world: Path, eval_sets: dict[str, EvalSet]) -> dict
     from ..cache import file_digest
     from ..diagnostics.text_accuracy import text_only_results
     from ..evaluation.records import read_jsonl
-    from .encoders.description_llm import taught_grid_sides
     from ..evaluation.text_ceiling import TextCeiling
+    from .encoders.description_llm import taught_grid_sides
 
     model = AutoModelForCausalLM.from_pretrained(str(llm)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(llm))

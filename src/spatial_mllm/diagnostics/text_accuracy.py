@@ -52,24 +52,32 @@ def text_encoder(tokenizer: PreTrainedTokenizerBase, template: str = "vicuna_v1"
     return ConversationEncoder(tokenizer, resolve_chat_template(template, tokenizer), image_tokens)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, template: str = "vicuna_v1",
-               image_tokens: int = 1) -> list[int]:
-    """Token ids of a one-turn prompt in `template`, up to the assistant's turn, tokenised as training tokenises."""
-    encoder = text_encoder(tokenizer, template, image_tokens)
+def encoded_prompt(encoder: ConversationEncoder, user_text: str) -> list[int]:
+    """Token ids of a one-turn prompt, up to the assistant's turn, as `encoder` tokenises training text."""
     text, _ = encoder.render([{"role": "user", "content": user_text}], add_generation_prompt=True)
     return encoder.encode_text(text)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, user_text: str, template: str = "vicuna_v1",
+               image_tokens: int = 1) -> list[int]:
+    """Token ids of a one-turn prompt in `template`, up to the assistant's turn, tokenised as training tokenises
+    (for many prompts, build one `text_encoder` and call `encoded_prompt`)."""
+    return encoded_prompt(text_encoder(tokenizer, template, image_tokens), user_text)
 
 
 @torch.inference_mode()
 def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
                    batch_size: int = 64, max_new_tokens: int = 4,
                    image_embeds: Sequence[torch.Tensor] | None = None) -> list[str]:
-    """Greedy continuations of token-id prompts, left-padded in batches, decoded without special tokens.
-    `image_embeds[i]` (tokens, width), when given, fills prompt i's `<image>` positions in order."""
+    """Greedy continuations of token-id prompts, left-padded in batches, decoded without special tokens, by the
+    model in eval mode (its training mode is restored after). `image_embeds[i]` (tokens, width), when given, fills
+    prompt i's `<image>` positions in order."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     if image_embeds is not None and len(image_embeds) != len(prompts):
         raise ValueError(f"{len(image_embeds)} image embeddings for {len(prompts)} prompts")
+    was_training = model.training
+    model.eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -84,6 +92,7 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         out = model.generate(**inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
+    model.train(was_training)
     return answers
 
 
@@ -107,12 +116,9 @@ def answer_from_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      batch_size: int = 64) -> dict[str, str]:
     """Reply by question id of the LLM answering `questions` from the text alone, with or without the scene
     description in place of the image."""
-    prompts = [prompt_ids(tokenizer, user_turn(q, scenes[q["image"]], with_description), template)
-               for q in questions]
-    was_training = model.training
-    model.eval()
+    encoder = text_encoder(tokenizer, template)
+    prompts = [encoded_prompt(encoder, user_turn(q, scenes[q["image"]], with_description)) for q in questions]
     answers = greedy_answers(model, tokenizer, prompts, batch_size)
-    model.train(was_training)
     return {q["question_id"]: a for q, a in zip(questions, answers)}
 
 
@@ -122,15 +128,14 @@ def answer_from_grid(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Reply by question id of the LLM answering `questions` with each scene as grid cells (`scene_grid`: the
     object words under each of grid x grid patches, pooled to side x side) in place of the image: what a patch
     projector that made those cells exactly would let it answer."""
-    prompts = [prompt_ids(tokenizer, f"{IMAGE_TOKEN}\n{q['text']}", template, side * side) for q in questions]
+    encoder = text_encoder(tokenizer, template, side * side)
+    prompts = [encoded_prompt(encoder, f"{IMAGE_TOKEN}\n{q['text']}") for q in questions]
     embedding = model.get_input_embeddings()
-    with torch.no_grad():
-        cells = [cell_embeddings(embedding, cell_word_ids(scenes[q["image"]], grid, tokenizer)[None], side)[0]
-                 for q in questions]
-    was_training = model.training
-    model.eval()
+    with torch.no_grad():  # each scene's cells once (a scene has several questions)
+        by_image = {image: cell_embeddings(embedding, cell_word_ids(scenes[image], grid, tokenizer)[None], side)[0]
+                    for image in {q["image"] for q in questions}}
+    cells = [by_image[q["image"]] for q in questions]
     answers = greedy_answers(model, tokenizer, prompts, batch_size, image_embeds=cells)
-    model.train(was_training)
     return {q["question_id"]: a for q, a in zip(questions, answers)}
 
 
@@ -143,19 +148,17 @@ def text_only_results(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     (the patch grid first, then its poolings), also from the scene's grid cells ("with_grid<side>",
     `answer_from_grid`)."""
     chosen, keys, scenes = asked_questions(world, split, images, questions)
+    replies = {name: answer_from_text(model, tokenizer, chosen, scenes, name == "with_description")
+               for name in ("with_description", "without_description")}
+    replies |= {f"with_grid{side}": answer_from_grid(model, tokenizer, chosen, scenes, grid_sides[0], side)
+                for side in grid_sides}
     results = {}
-    for name, with_description in (("with_description", True), ("without_description", False)):
-        replies = answer_from_text(model, tokenizer, chosen, scenes, with_description)
-        records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
+    for name, found in replies.items():
+        records = [{"question_id": question_id, "text": text} for question_id, text in found.items()]
         results[name] = score_answers(records, keys, f"{split} answers", f"{split} answer key")
-        if with_description:
-            results["binding"] = binding_outcomes(replies, keys, scenes)
-    for side in grid_sides:
-        replies = answer_from_grid(model, tokenizer, chosen, scenes, grid_sides[0], side)
-        records = [{"question_id": question_id, "text": text} for question_id, text in replies.items()]
-        results[f"with_grid{side}"] = score_answers(records, keys, f"{split} answers", f"{split} answer key")
+    results["binding"] = binding_outcomes(replies["with_description"], keys, scenes)
     return results
 
 
-__all__ = ["answer_from_grid", "answer_from_text", "asked_questions", "greedy_answers", "prompt_ids",
-           "question_prompts", "text_encoder", "text_only_results"]
+__all__ = ["answer_from_grid", "answer_from_text", "asked_questions", "encoded_prompt", "greedy_answers",
+           "prompt_ids", "question_prompts", "text_encoder", "text_only_results"]

@@ -219,7 +219,7 @@ def corpus_batches(corpus: Sequence[CorpusConversation], tokenizer: PreTrainedTo
     return batches
 
 
-def grid_inputs(model, batch: CorpusBatch, image_token_id: int) -> dict[str, torch.Tensor]:
+def model_inputs(model, batch: CorpusBatch, image_token_id: int) -> dict[str, torch.Tensor]:
     """The model's inputs for a batch: its ids, or for a grid batch embeddings with the cells at `<image>`."""
     if batch.cell_ids is None:
         return {"input_ids": batch.input_ids}
@@ -324,7 +324,7 @@ def pretrain_description_llm(
         else:
             batch = batches[int(drawn[0])]
             note = f"(grid {batch.grid_side}x{batch.grid_side})" if batch.grid_side else ""
-        inputs = grid_inputs(model, batch, image_token_id)
+        inputs = model_inputs(model, batch, image_token_id)
         attention_mask = (batch.input_ids != tokenizer.pad_token_id).long()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**inputs, attention_mask=attention_mask, labels=batch.labels).loss
