@@ -65,7 +65,8 @@ DEFAULT = DemoPlan(
 QUICK = DemoPlan(
     world={"n_train": 300, "n_val": 20, "n_test": 30, "n_holdout": 30},
     vit=VitPretrainConfig(scenes=300, held_out=50, steps=60, batch_size=32),
-    llm=DescriptionLlmConfig(scenes=600, held_out_scenes=10, steps=60, batch_tokens=4096, copy_steps=20),
+    llm=DescriptionLlmConfig(scenes=600, held_out_scenes=10, steps=60, batch_tokens=4096, copy_steps=20,
+                             drill_steps=20),
     # Measured with the text-only LLM shipped before (60 test images, colour / existence against the blind
     # control): the default's rates at this size, 24% / 55% vs 17% / 57%; stage-2 LLM lr 1e-3, 38% / 43% vs 17% /
     # 42%; with 60 stage-1 steps at 5e-3 as well, 36% / 38% vs 12% / 45%. With the grid-pretrained LLM (30 test

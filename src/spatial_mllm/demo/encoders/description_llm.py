@@ -15,6 +15,12 @@ projector produces, so that the LLM reads places off the order of visual tokens 
 Measured (2 layers, 6,000 corpus steps, held out): 79.5% from the description, 77.9% / 75.8% from 8x8 / 4x4 cells;
 on the demo the MLP baseline then reached 75.2% where the same LLM trained on descriptions alone (77.7% from text)
 gave 60.4% and 52.1%, its left/right and above/below answers at chance.
+A final drill phase (`drill_steps`, its own warm-up and decay from `drill_lr`) draws from the corpus batches and
+from drill conversations (`build_drill_corpus`) that ask only the categories the mixed corpus leaves at chance
+("which is closer"). Measured after it (1,500 steps, 38% of them drill batches; held out): 83.0% from the
+description, 81.0% / 79.3% from 8x8 / 4x4 cells, location from the cells 43% -> 72%; closer 47% -> 56% (600
+questions, from the description), still far below the other categories; on the demo (seed 0) the MLP baseline
+80.2% (was 75.7%). The share of the gain due to the 1,500 extra steps alone, drill aside, was not measured.
 The saved folder holds the model and its tokenizer (`spatial_mllm.encoders.tokenizer`): AutoModelForCausalLM and
 AutoTokenizer load it.
 """
@@ -38,7 +44,7 @@ from ...model.chat_templates import VICUNA_V1
 from ...model.configuration import IMAGE_TOKEN
 from ...model.conversation import IGNORE_INDEX
 from ..world.captions import DETAIL_PROMPTS, detailed_caption
-from ..world.questions import TextPolicy, ask_all, ask_vocabulary, pose, pose_short
+from ..world.questions import ASKERS, TextPolicy, ask_all, ask_vocabulary, pose, pose_short
 from ..world.records import MC_PROBABILITY
 from ..world.scene import Scene, WorldConfig, derive_seed, generate_scene
 from ...evaluation.metrics import score_answers
@@ -78,6 +84,10 @@ class DescriptionLlmConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
+    drill_categories: tuple[str, ...] = ("closer",)  # categories drilled in a final phase (`build_drill_corpus`)
+    drill_fraction: float = 0.5  # drill conversations per corpus scene (about the first corpus scenes)
+    drill_steps: int = 1500  # final-phase steps, on corpus and drill batches drawn alike (0: no drill phase)
+    drill_lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +103,12 @@ class DescriptionLlmConfig:
         if not sides or min(sides) < 1 or len(set(sides)) != len(sides) or any(sides[0] % side for side in sides):
             raise ValueError(f"grid_sides must be distinct positive sides that divide the first (the patch grid), "
                              f"got {sides}")
+        unknown = sorted(set(self.drill_categories) - set(ASKERS))
+        if unknown:
+            raise ValueError(f"drill_categories {unknown} are not categories of the world: {sorted(ASKERS)}")
+        if self.drill_steps < 0 or not 0 < self.drill_fraction <= 1:
+            raise ValueError(f"drill_steps must be at least 0 and drill_fraction in (0, 1], got "
+                             f"{self.drill_steps} and {self.drill_fraction}")
         if not 1 <= self.turns[0] <= self.turns[1]:
             raise ValueError(f"turns must be (low, high) with 1 <= low <= high, got {self.turns}")
 
@@ -117,6 +133,26 @@ def description_conversation(scene: Scene, rng: random.Random, policy: TextPolic
              (pose(qa, rng, MC_PROBABILITY) for qa in qas[: rng.randint(*config.turns)])]
     if rng.random() < config.detail_probability:
         turns.insert(rng.randint(0, len(turns)), (rng.choice(DETAIL_PROMPTS), detailed_caption(scene, rng)))
+    return scene_messages(scene, rng, turns, shown)
+
+
+def drill_conversation(scene: Scene, rng: random.Random, policy: TextPolicy, config: DescriptionLlmConfig,
+                       category: str, shown: str | None = None) -> list[dict[str, str]] | None:
+    """The scene, then questions of one category only (each drawn afresh: other objects, other forms); None when
+    the scene has no unambiguous question of it."""
+    posed = []
+    for _ in range(rng.randint(*config.turns)):
+        qa = ASKERS[category](scene, rng, policy)
+        if qa is None:
+            break
+        posed.append(pose(qa, rng, MC_PROBABILITY))
+    return scene_messages(scene, rng, [(p.text, p.answer) for p in posed], shown) if posed else None
+
+
+def scene_messages(scene: Scene, rng: random.Random, turns: Sequence[tuple[str, str]],
+                   shown: str | None = None) -> list[dict[str, str]]:
+    """A conversation of (question, answer) turns whose first user turn starts with the scene: its description,
+    or `shown` in its place."""
     messages = []
     for k, (question, answer) in enumerate(turns):
         text = f"{shown or describe_scene(scene, rng)}\n{question}" if k == 0 else question
@@ -147,17 +183,42 @@ def build_corpus(scenes: Sequence[Scene], config: DescriptionLlmConfig, seed: in
     corpus = []
     for scene in scenes:
         rng = random.Random(derive_seed(seed, "llm", scene.id))
-        if config.grid_fraction and views.random() < config.grid_fraction:
-            side = views.choice(config.grid_sides)
-            messages = description_conversation(scene, rng, policy, config, shown=IMAGE_TOKEN)
-            corpus.append(CorpusConversation(messages, scene, side))
-        else:
-            corpus.append(CorpusConversation(description_conversation(scene, rng, policy, config)))
+        side = shown_side(views, config)
+        messages = description_conversation(scene, rng, policy, config, shown=IMAGE_TOKEN if side else None)
+        corpus.append(CorpusConversation(messages, scene if side else None, side))
     extra = round(config.text_only_fraction * len(scenes))
     corpus += [CorpusConversation(text_only_conversation(random.Random(derive_seed(seed, "llm-text", k))))
                for k in range(extra)]
     random.Random(derive_seed(seed, "llm-order")).shuffle(corpus)
     return corpus
+
+
+def build_drill_corpus(scenes: Sequence[Scene], config: DescriptionLlmConfig, seed: int) -> list[CorpusConversation]:
+    """Drill conversations: for each scene one of `drill_categories` (in turn), asked `turns` times, the scene
+    shown as in `build_corpus`. Measured (held out, 600 closer questions): after the whole corpus, where one
+    closer question sits among up to nine of other categories, the 2-layer LLM answers "which is closer" at
+    chance (47% from the description); 400 further steps of closer questions alone (short answers, from the
+    description) reach 69% for named points and 59% for objects, but drilling alone makes it forget the other
+    categories (41% overall after 600 steps), hence the drill phase mixes drill and corpus batches."""
+    policy = TextPolicy.for_split(WorldConfig(), "train", scenes)
+    views = random.Random(derive_seed(seed, "llm-drill-grid"))
+    corpus = []
+    for index, scene in enumerate(scenes):
+        rng = random.Random(derive_seed(seed, "llm-drill", scene.id))
+        category = config.drill_categories[index % len(config.drill_categories)]
+        side = shown_side(views, config)
+        messages = drill_conversation(scene, rng, policy, config, category, shown=IMAGE_TOKEN if side else None)
+        if messages is not None:
+            corpus.append(CorpusConversation(messages, scene if side else None, side))
+    random.Random(derive_seed(seed, "llm-drill-order")).shuffle(corpus)
+    return corpus
+
+
+def shown_side(views: random.Random, config: DescriptionLlmConfig) -> int:
+    """The grid side a conversation shows its scene in, 0 for its description."""
+    if config.grid_fraction and views.random() < config.grid_fraction:
+        return views.choice(config.grid_sides)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -226,6 +287,39 @@ def model_inputs(model, batch: CorpusBatch, image_token_id: int) -> dict[str, to
     embedding = model.get_input_embeddings()
     cells = cell_embeddings(embedding, batch.cell_ids, batch.grid_side)
     return {"inputs_embeds": place_cells(embedding(batch.input_ids), batch.input_ids, image_token_id, cells)}
+
+
+def batch_loss_function(model, tokenizer: PreTrainedTokenizerBase) -> Callable[[CorpusBatch], torch.Tensor]:
+    """The model's bf16-autocast loss on a corpus batch (text or grid)."""
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def loss(batch: CorpusBatch) -> torch.Tensor:
+        inputs = model_inputs(model, batch, image_token_id)
+        attention_mask = (batch.input_ids != tokenizer.pad_token_id).long()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**inputs, attention_mask=attention_mask, labels=batch.labels).loss
+
+    return loss
+
+
+def drill_phase(model, tokenizer: PreTrainedTokenizerBase, batches: Sequence[CorpusBatch],
+                config: DescriptionLlmConfig, log: Callable[[str], None] | None = None) -> list[float]:
+    """The final phase: `drill_steps` steps on batches drawn at random from `batches` (the corpus's and the drill
+    conversations'), with their own warm-up and cosine decay from `drill_lr`. Returns the loss of every step."""
+    loss = batch_loss_function(model, tokenizer)
+    schedule = Schedule(config.drill_steps, 1, config.drill_lr, config.weight_decay, config.warmup_steps,
+                        config.seed + 3, betas=(0.9, 0.98))
+    model.train()
+
+    def batch_loss(step: int, drawn: torch.Tensor) -> tuple[torch.Tensor, str]:
+        batch = batches[int(drawn[0])]
+        return loss(batch), grid_note(batch)
+
+    return optimise("llm drill", list(model.parameters()), batch_loss, len(batches), schedule, log, log_every=10)
+
+
+def grid_note(batch: CorpusBatch) -> str:
+    return f"(grid {batch.grid_side}x{batch.grid_side})" if batch.grid_side else ""
 
 
 def build_llama_config(config: DescriptionLlmConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
@@ -297,7 +391,8 @@ def pretrain_description_llm(
     config = dataclasses.replace(config or DescriptionLlmConfig(), **options)
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    corpus = build_corpus(world_scenes(config.world_seed, config.scenes), config, config.world_seed)
+    corpus_scenes = world_scenes(config.world_seed, config.scenes)
+    corpus = build_corpus(corpus_scenes, config, config.world_seed)
     # The tokenizer is trained first, on the rendered corpus (the template needs only the special tokens' text).
     texts, _ = render_jinja_template(conversations=[item.messages for item in corpus], chat_template=VICUNA_V1,
                                      bos_token="<s>", eos_token="</s>")
@@ -314,28 +409,27 @@ def pretrain_description_llm(
         model = LlamaForCausalLM(build_llama_config(config, tokenizer))
     copies = torch.Generator().manual_seed(config.seed + 2)
     first_copy_id = max(tokenizer.all_special_ids) + 1  # copy ordinary tokens only
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    corpus_loss = batch_loss_function(model, tokenizer)
 
     def batch_loss(step: int, drawn: torch.Tensor) -> tuple[torch.Tensor, str]:
         if step < config.copy_steps:  # the copy warm-up comes first
             batch = CorpusBatch(*copy_batch(config.copy_rows, config.copy_length, config.copy_reverse_fraction,
                                             first_copy_id, len(tokenizer), tokenizer.bos_token_id, copies))
-            note = "(copy warm-up)"
-        else:
-            batch = batches[int(drawn[0])]
-            note = f"(grid {batch.grid_side}x{batch.grid_side})" if batch.grid_side else ""
-        inputs = model_inputs(model, batch, image_token_id)
-        attention_mask = (batch.input_ids != tokenizer.pad_token_id).long()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**inputs, attention_mask=attention_mask, labels=batch.labels).loss
-        return loss, note
+            return corpus_loss(batch), "(copy warm-up)"
+        batch = batches[int(drawn[0])]
+        return corpus_loss(batch), grid_note(batch)
 
     model.train()
-    # One batch per step (batch_size 1 draws one of the length-grouped batches); one schedule over both phases.
+    # One batch per step (batch_size 1 draws one of the length-grouped batches); one schedule over the copy warm-up
+    # and the corpus, another for the drill phase.
     schedule = Schedule(config.copy_steps + config.steps, 1, config.lr, config.weight_decay, config.warmup_steps,
                         config.seed, betas=(0.9, 0.98))
     losses = optimise("llm", list(model.parameters()), batch_loss, len(batches), schedule, log, log_every=20)
     losses = losses[config.copy_steps :]  # the corpus loss (the copy loss is another task)
+    if config.drill_steps:
+        drill_scenes = corpus_scenes[: max(1, round(config.drill_fraction * len(corpus_scenes)))]
+        drill = build_drill_corpus(drill_scenes, config, config.world_seed)
+        losses += drill_phase(model, tokenizer, batches + corpus_batches(drill, tokenizer, config), config, log)
     model.eval()
     held_out = world_scenes(config.world_seed, config.held_out_scenes, offset=config.scenes)
     metrics = {
@@ -352,6 +446,7 @@ def pretrain_description_llm(
 
 
 __all__ = [
-    "CorpusBatch", "CorpusConversation", "DescriptionLlmConfig", "build_corpus", "conversation_batches",
-    "corpus_batches", "pretrain_description_llm", "taught_grid_sides", "world_scenes",
+    "CorpusBatch", "CorpusConversation", "DescriptionLlmConfig", "build_corpus", "build_drill_corpus",
+    "conversation_batches", "corpus_batches", "drill_phase", "pretrain_description_llm", "taught_grid_sides",
+    "world_scenes",
 ]
