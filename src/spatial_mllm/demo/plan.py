@@ -70,7 +70,8 @@ QUICK = DemoPlan(
     # Measured with the text-only LLM shipped before (60 test images, colour / existence against the blind
     # control): the default's rates at this size, 24% / 55% vs 17% / 57%; stage-2 LLM lr 1e-3, 38% / 43% vs 17% /
     # 42%; with 60 stage-1 steps at 5e-3 as well, 36% / 38% vs 12% / 45%. With the grid-pretrained LLM (30 test
-    # images): 70% / 90% vs 20% / 67%; with the drill-phase LLM, 77% / 87% vs 10% / 57%.
+    # images): 70% / 90% vs 20% / 67%; with the drill-phase LLM, 77% / 87% vs 10% / 57%;
+    # with the longer drill, 77% / 90% vs 10% / 40%.
     stage1=StagePlan(steps=60, global_batch_size=16, micro_batch_size=16, lr=5e-3),
     stage2=StagePlan(steps=120, global_batch_size=16, micro_batch_size=16, lr=1e-3, projector_lr=3e-3),
     lora_r=None,
