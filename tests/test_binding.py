@@ -82,7 +82,7 @@ def world(tmp_path_factory):
 
 def test_llm_diagnosis_reports_binding_beside_accuracy(world, tmp_path, capsys):
     """The shipped LLM on unseen scenes reads its attribute replies off the object the question names (measured on
-    the demo world: shape 82.8% right against a 40.9% guess rate; the LLM trained without the copy warm-up stayed at
+    the demo world: shape 72.7% right against a 40.9% guess rate; the LLM trained without the copy warm-up stayed at
     the guess rate). Its 'right' fraction is the accuracy the scoring gives the same replies."""
     found = diagnose_llm(shipped_encoder("llm"), world, images=30)
     binding = found["binding"]
