@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import math
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,9 @@ from PIL import Image
 
 from spatial_mllm.data.commands import register
 from spatial_mllm.demo.world import Scene, make_world, render_scene
+from spatial_mllm.demo.world.questions import TextPolicy, ask_all
+from spatial_mllm.demo.world.records import stage2_record
+from spatial_mllm.demo.world.scene import WorldConfig
 from spatial_mllm.demo.world.render import png_bytes
 
 SHORT = "Answer the question using a single word or phrase."
@@ -419,7 +423,7 @@ def check_text_only(question: str, answer: str) -> None:
 
 def test_manifest_describes_the_folder(world):
     info = manifest(world)
-    assert info["seed"] == 7 and info["canvas"] == 96 and info["version"] == 2
+    assert info["seed"] == 7 and info["canvas"] == 96 and info["version"] == 3
     assert info["counts"] == {"train": 24, "val": 6, "test": 12, "holdout": 12}
     assert info["vocabulary"]["sizes"] == {"small": 8, "large": 14}
     listed = {info["files"]["scenes"]}
@@ -466,3 +470,33 @@ def test_bad_options_are_reported_clearly(tmp_path):
         make_world(tmp_path / "b", canvas=16, progress=False)
     with pytest.raises(ValueError, match="max_objects"):
         make_world(tmp_path / "c", min_objects=4, max_objects=2, progress=False)
+
+
+def test_stage2_conversations_ask_comparisons_more_often_than_other_categories(world):
+    """Stage 2 over-samples "which is closer" (weight 3) and size comparisons (weight 2) against the other
+    categories (weight 1), and poses 30% of the questions that allow it as multiple choice, as evaluation does.
+    Counted here from the written conversations of many draws, against the share each category would have if
+    every turn were an unweighted draw from the questions the scene allows."""
+    config = WorldConfig(canvas=manifest(world)["canvas"])
+    scenes = [Scene.from_dict(s) for s in read_jsonl(world / "scenes.jsonl") if s["split"] == "train"]
+    policy = TextPolicy.for_split(config, "train", scenes)
+    asked, uniform, mc, mc_able = Counter(), Counter(), 0, 0
+    for draw in range(40):
+        for scene in scenes:
+            allowed = ask_all(scene, random.Random(f"allowed-{draw}-{scene.id}"), policy)
+            record = stage2_record(scene, random.Random(f"stage2-{draw}-{scene.id}"), policy)
+            questions = [m["value"].removeprefix("<image>\n") for m in record["conversations"][::2]]
+            questions = [q for q in questions if not q.startswith("Describe")]
+            for question in questions:
+                asked["closer" if question.startswith("Which is closer") else
+                      "size_compare" if re.match(r"Which is (larger|smaller),", question) else "other"] += 1
+                mc += question.endswith(MC)
+            mc_able += sum(1 for q in questions if not q.startswith("Is there"))  # existence: yes / no only
+            share = len(questions) / len(allowed)  # each allowed question's chance of being asked, unweighted
+            for qa in allowed:
+                uniform[qa.category if qa.category in ("closer", "size_compare") else "other"] += share
+    total = sum(asked.values())
+    assert asked["closer"] / total > 1.6 * uniform["closer"] / total  # measured 1.77x
+    assert asked["size_compare"] / total > 1.3 * uniform["size_compare"] / total  # measured 1.43x
+    assert asked["other"] / total < uniform["other"] / total
+    assert 0.25 < mc / mc_able < 0.35

@@ -30,7 +30,7 @@ from .records import (
 from .render import png_bytes, render_scene
 from .scene import COLORS, OBJECT_GAP, SHAPES, SIZES, SPLITS, Scene, WorldConfig, derive_seed, generate_scene
 
-WORLD_VERSION = 2  # 2: answer keys name the region of the object asked about
+WORLD_VERSION = 3  # 2: answer keys name the region of the object asked about; 3: stage-2 emphasis on comparisons
 MANIFEST = "world.json"
 SCENES_FILE = "scenes.jsonl"
 IMAGES_DIR = "images"
