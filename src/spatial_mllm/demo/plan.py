@@ -27,7 +27,7 @@ class DemoPlan:
 
     vit / llm: how `--train-encoders` pretrains the encoders (the shipped ones were made with the defaults)."""
 
-    world: dict[str, int]
+    world: dict[str, Any]  # make_world's arguments
     vit: VitPretrainConfig
     llm: DescriptionLlmConfig
     stage1: StagePlan
@@ -47,7 +47,11 @@ def _projector_options(vision_width: int) -> dict[str, dict[str, Any]]:
 # A 96x96 canvas with the ViT's 12-pixel patches: an 8x8 grid (64 patch tokens), on which every projector works.
 SHIPPED_VIT = VitPretrainConfig()
 DEFAULT = DemoPlan(
-    world={"n_train": 2000, "n_val": 100, "n_test": 150, "n_holdout": 100},
+    # Stage 2 draws "which is closer" 3x and size comparisons 2x as often as the other categories. Measured (MLP and
+    # blind control, 3 seeds each, same machine and day, against every category alike): size comparison 73.5% ->
+    # 81.7% on test, 72.8% -> 82.3% on hold-out; "which is closer" unchanged (60.3% -> 60.7%, 56.7% -> 53.7%).
+    world={"n_train": 2000, "n_val": 100, "n_test": 150, "n_holdout": 100,
+           "stage2_emphasis": {"closer": 3.0, "size_compare": 2.0}},
     vit=SHIPPED_VIT,
     llm=DescriptionLlmConfig(),
     stage1=StagePlan(steps=100, global_batch_size=32, micro_batch_size=32, lr=2e-3),

@@ -30,7 +30,7 @@ from .records import (
 from .render import png_bytes, render_scene
 from .scene import COLORS, OBJECT_GAP, SHAPES, SIZES, SPLITS, Scene, WorldConfig, derive_seed, generate_scene
 
-WORLD_VERSION = 3  # 2: answer keys name the region of the object asked about; 3: stage-2 emphasis on comparisons
+WORLD_VERSION = 3  # 2: answer keys name the region of the object asked about; 3: stage-2 category emphasis
 MANIFEST = "world.json"
 SCENES_FILE = "scenes.jsonl"
 IMAGES_DIR = "images"
@@ -62,10 +62,18 @@ def make_world(
     canvas: int = 96,
     min_objects: int = 2,
     max_objects: int = 5,
+    stage2_emphasis: dict[str, float] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generates the world into `out_dir` and returns its manifest (also written to world.json)."""
+    """Generates the world into `out_dir` and returns its manifest (also written to world.json).
+
+    stage2_emphasis: category -> weight (others 1) with which stage-2 conversations draw their questions, e.g.
+    {"size_compare": 2.0}; none: every category alike. Evaluation files do not depend on it."""
+    for category, weight in (stage2_emphasis or {}).items():
+        if category not in CATEGORIES or not weight > 0:
+            raise ValueError(f"stage2_emphasis: {category!r}: {weight!r} must name a category ({', '.join(CATEGORIES)}) "
+                             f"with a positive weight")
     counts = {"train": n_train, "val": n_val, "test": n_test, "holdout": n_holdout}
     for split, count in counts.items():
         if not isinstance(count, int) or count < 0:
@@ -98,20 +106,21 @@ def make_world(
         files = split_files(split)
         _write_jsonl(out / files["captions"], (caption_record(scene) for scene in scenes[split]))
         if split in TRAINING_SPLITS:
-            text_only[split] = _write_training(out, files, seed, split, scenes[split], policy)
+            text_only[split] = _write_training(out, files, seed, split, scenes[split], policy, stage2_emphasis)
         if split in EVAL_SPLITS:
             question_counts[split] = _write_evaluation(out, files, seed, split, scenes[split], policy)
 
-    manifest = _manifest(seed, config, counts, text_only, question_counts)
+    manifest = _manifest(seed, config, counts, text_only, question_counts) | {"stage2_emphasis": stage2_emphasis or {}}
     _write_json(out / MANIFEST, manifest)
     return manifest
 
 
 def _write_training(
-    out: Path, files: dict[str, Any], seed: int, split: str, scenes: list[Scene], policy: TextPolicy
+    out: Path, files: dict[str, Any], seed: int, split: str, scenes: list[Scene], policy: TextPolicy,
+    emphasis: dict[str, float] | None,
 ) -> int:
     stage1 = [stage1_record(s, random.Random(derive_seed(seed, "stage1", s.id))) for s in scenes]
-    stage2 = [stage2_record(s, random.Random(derive_seed(seed, "stage2", s.id)), policy) for s in scenes]
+    stage2 = [stage2_record(s, random.Random(derive_seed(seed, "stage2", s.id)), policy, emphasis) for s in scenes]
     n_text = max(1, round(TEXT_ONLY_FRACTION * len(scenes))) if scenes else 0
     # Appended after the image samples; trainers shuffle.
     for k in range(n_text):

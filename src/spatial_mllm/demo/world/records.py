@@ -29,9 +29,6 @@ from .scene import Scene
 IMAGE_PLACEHOLDER = "<image>"
 MC_PROBABILITY = 0.3  # share of questions posed as multiple choice where the category allows it
 STAGE2_TURNS = (2, 5)  # questions per stage-2 conversation, inclusive
-# How much more often a stage-2 conversation asks a category than the others (weight 1): the comparisons, which
-# need the most examples to learn, are asked more often.
-STAGE2_EMPHASIS = {"closer": 3.0, "size_compare": 2.0}
 DETAIL_PROBABILITY = 0.15  # chance a stage-2 conversation also asks for a detailed description
 POPE_PER_LABEL = 3  # yes questions (and as many no questions) per image and negative strategy
 
@@ -45,9 +42,15 @@ def stage1_record(scene: Scene, rng: random.Random) -> dict[str, Any]:
     return {"id": scene.id, "image": scene.image, "conversations": _conversation(turns, with_image=True)}
 
 
-def stage2_record(scene: Scene, rng: random.Random, policy: TextPolicy) -> dict[str, Any]:
-    """A multi-turn conversation about the image: a few questions of random categories and forms."""
-    qas = _emphasised_order(ask_all(scene, rng, policy), rng)
+def stage2_record(scene: Scene, rng: random.Random, policy: TextPolicy,
+                  emphasis: dict[str, float] | None = None) -> dict[str, Any]:
+    """A multi-turn conversation about the image: a few questions of random categories and forms. `emphasis`:
+    category -> weight (others 1) with which a question is drawn into the conversation; none: all alike."""
+    qas = ask_all(scene, rng, policy)
+    if emphasis:
+        qas = _weighted_order(qas, emphasis, rng)
+    else:
+        rng.shuffle(qas)
     asked = [pose(qa, rng, MC_PROBABILITY) for qa in qas[: rng.randint(*STAGE2_TURNS)]]
     turns = [(posed.text, posed.answer) for posed in asked]
     if rng.random() < DETAIL_PROBABILITY:
@@ -55,10 +58,10 @@ def stage2_record(scene: Scene, rng: random.Random, policy: TextPolicy) -> dict[
     return {"id": scene.id, "image": scene.image, "conversations": _conversation(turns, with_image=True)}
 
 
-def _emphasised_order(qas: list, rng: random.Random) -> list:
-    """The questions in a random order weighted by STAGE2_EMPHASIS (Efraimidis-Spirakis: sorting by u ** (1 / w)
-    puts a question first with probability proportional to its weight)."""
-    keys = [rng.random() ** (1.0 / STAGE2_EMPHASIS.get(qa.category, 1.0)) for qa in qas]
+def _weighted_order(qas: list, weights: dict[str, float], rng: random.Random) -> list:
+    """The questions in a random order weighted by category (Efraimidis-Spirakis: sorting by u ** (1 / w) puts a
+    question first with probability proportional to its weight)."""
+    keys = [rng.random() ** (1.0 / weights.get(qa.category, 1.0)) for qa in qas]
     return [qa for _, qa in sorted(zip(keys, qas), key=lambda pair: pair[0], reverse=True)]
 
 
