@@ -425,6 +425,7 @@ def test_manifest_describes_the_folder(world):
     info = manifest(world)
     assert info["seed"] == 7 and info["canvas"] == 96 and info["version"] == 3
     assert info["counts"] == {"train": 24, "val": 6, "test": 12, "holdout": 12}
+    assert info["stage2_emphasis"] == {}  # the fixture's world draws every category alike
     assert info["vocabulary"]["sizes"] == {"small": 8, "large": 14}
     listed = {info["files"]["scenes"]}
     for files in info["files"]["splits"].values():

@@ -72,8 +72,8 @@ def make_world(
     {"size_compare": 2.0}; none: every category alike. Evaluation files do not depend on it."""
     for category, weight in (stage2_emphasis or {}).items():
         if category not in CATEGORIES or not weight > 0:
-            raise ValueError(f"stage2_emphasis: {category!r}: {weight!r} must name a category ({', '.join(CATEGORIES)}) "
-                             f"with a positive weight")
+            raise ValueError(f"stage2_emphasis: {category!r}: {weight!r} must name a category "
+                             f"({', '.join(CATEGORIES)}) with a positive weight")
     counts = {"train": n_train, "val": n_val, "test": n_test, "holdout": n_holdout}
     for split, count in counts.items():
         if not isinstance(count, int) or count < 0:
@@ -110,7 +110,7 @@ def make_world(
         if split in EVAL_SPLITS:
             question_counts[split] = _write_evaluation(out, files, seed, split, scenes[split], policy)
 
-    manifest = _manifest(seed, config, counts, text_only, question_counts) | {"stage2_emphasis": stage2_emphasis or {}}
+    manifest = _manifest(seed, config, counts, text_only, question_counts, stage2_emphasis or {})
     _write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -154,6 +154,7 @@ def _manifest(
     counts: dict[str, int],
     text_only: dict[str, int],
     question_counts: dict[str, dict[str, int]],
+    stage2_emphasis: dict[str, float],
 ) -> dict[str, Any]:
     return {
         "version": WORLD_VERSION,
@@ -163,6 +164,7 @@ def _manifest(
         "config": config.to_dict(),
         "counts": counts,
         "text_only_samples": text_only,
+        "stage2_emphasis": stage2_emphasis,
         "question_counts": question_counts,
         "vocabulary": {
             "shapes": list(SHAPES),
