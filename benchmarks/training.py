@@ -16,8 +16,10 @@ FLOPs per step are counted exactly by torch's FlopCounterMode on the step's real
 "useful" GFLOP/s scale them to the tokens that are not padding. The peak is the best GFLOP/s of a large square
 bf16 matmul on the same threads, measured in the same run.
 
-Variants: "as before" (random batches, bf16 autocast), "length-grouped" (data.group_by_length, as the demo now
-trains), and "fp32" (random batches, no autocast), so that before and after compare in one run on one machine state. Prints a table, writes JSON.
+Variants: "as before" (random batches, bf16 autocast, transformers' default sdpa attention), "length-grouped"
+(data.group_by_length), "+ eager attention" (model.attn_implementation=eager as well: how the demo now trains) and
+"eager, fp32" (the same without autocast), so that before and after compare in one run on one machine state. Prints a
+table, writes JSON.
 """
 
 from __future__ import annotations
@@ -44,10 +46,13 @@ from spatial_mllm.training.engine import accumulate_gradients, make_accelerator,
 from spatial_mllm.training.feature_cache import cache_vision_features
 from spatial_mllm.training.feature_dataset import CachedFeatureDataset
 
+SDPA = {"model.attn_implementation": "sdpa"}
 VARIANTS = {
-    "as before": {"data.group_by_length": False},
-    "length-grouped": {"data.group_by_length": True},  # what the demo now does
-    "fp32 (no autocast)": {"data.group_by_length": False, "optimisation.mixed_precision": "no"},
+    "as before": {"data.group_by_length": False, **SDPA},
+    "length-grouped": {"data.group_by_length": True, **SDPA},
+    "+ eager attention": {"data.group_by_length": True, "model.attn_implementation": "eager"},  # the demo's
+    "eager, fp32 (no autocast)": {"data.group_by_length": True, "model.attn_implementation": "eager",
+                                  "optimisation.mixed_precision": "no"},
 }
 
 

@@ -25,7 +25,7 @@ from spatial_mllm.model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneratio
 from spatial_mllm.projectors import PROJECTORS
 from spatial_mllm.training.checkpoint import latest_checkpoint, list_checkpoints
 from spatial_mllm.training.config import TrainConfig, load_config, shipped_configs
-from spatial_mllm.training.engine import NonFiniteLossError, train
+from spatial_mllm.training.engine import NonFiniteLossError, load_model, train
 from spatial_mllm.training.lora import ADAPTER_CONFIG, has_lora, inject_lora, linear_layer_names
 from spatial_mllm.training.metrics import read_metrics
 from spatial_mllm.training.params import configure_trainable, parameter_groups
@@ -319,6 +319,23 @@ def test_gradient_checkpointing_and_bf16(base_dir, tmp_path):
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
     trainable = load_file(latest_checkpoint(out) / "trainable.safetensors")
     assert {t.dtype for t in trainable.values()} == {torch.float32}
+
+
+def test_attention_kernel_is_chosen_by_config_and_trains_alike(base_dir, tmp_path):
+    with pytest.raises(ValueError, match="model.attn_implementation must be one of .*'eager'.* got 'fast'"):
+        tiny_config(base_dir, tmp_path / "bad", "instruct", "model.attn_implementation=fast")
+    curves = {}
+    for kernel in ("sdpa", "eager"):
+        config = tiny_config(base_dir, tmp_path / kernel, "instruct", f"model.attn_implementation={kernel}")
+        model, _ = load_model(config)
+        assert model.language_model.config._attn_implementation == kernel
+        assert model.vision_tower.model.config._attn_implementation == kernel
+        # two text-only samples are shorter than the others: batches are padded, so the masks are exercised
+        out = train(config, TinySamples(base_dir, text_only=frozenset({1, 2})))
+        curves[kernel] = losses(out)
+        assert SpatialMLLMForConditionalGeneration.from_pretrained(out).config.text_config._attn_implementation == "sdpa"
+    torch.testing.assert_close(curves["eager"], curves["sdpa"], atol=1e-5, rtol=1e-5)
+    assert load_model(tiny_config(base_dir, tmp_path / "default"))[0].language_model.config._attn_implementation == "sdpa"
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(base_dir, tmp_path):

@@ -26,6 +26,8 @@ STAGES = ("align", "instruct")
 MIXED_PRECISION = ("no", "bf16")
 SCHEDULES = ("cosine", "linear", "constant_with_warmup")
 DTYPES = ("float32", "bfloat16", "float16")
+# transformers' attention kernels; flash_attention_2 needs its package and a GPU (transformers says so when missing)
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
 @dataclass
@@ -38,6 +40,10 @@ class ModelSection:
     projector: str | None = None  # a registered projector name; with init_from, null means "whatever it holds"
     projector_options: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"  # storage dtype of the frozen weights; trainable weights are always kept in float32
+    # The attention kernel the run trains with (ATTENTION); null: transformers' default (sdpa). Not saved with the
+    # model. For tiny models on CPU, eager is the faster one (benchmarks/training.py: torch's CPU flash-attention
+    # backward dominated the world recipe's step)
+    attn_implementation: str | None = None
 
     def check_sources(self) -> None:
         """A registered projector, and local folders that exist, before minutes are spent loading the others."""
@@ -143,6 +149,8 @@ class TrainConfig:
             (self.optimisation.schedule in SCHEDULES,
              f"optimisation.schedule must be one of {SCHEDULES}, got {self.optimisation.schedule!r}"),
             (self.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.model.dtype!r}"),
+            (self.model.attn_implementation in (None, *ATTENTION),
+             f"model.attn_implementation must be one of {ATTENTION} or null, got {self.model.attn_implementation!r}"),
             (self.data.overlong in ("truncate", "drop"), f"data.overlong must be 'truncate' or 'drop', got {self.data.overlong!r}"),
             (self.data.template is None or self.data.template in template_names(),
              f"data.template {self.data.template!r} is not a known template; known: {', '.join(template_names())}"),

@@ -118,7 +118,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def load_model(config: TrainConfig) -> tuple[SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor]:
-    """The model to train: the `stage.init_from` folder (e.g. a stage-1 output) or one built from model.*."""
+    """The model to train, with model.attn_implementation set: the `stage.init_from` folder (e.g. a stage-1 output)
+    or one built from model.*."""
+    model, processor = _load_model(config)
+    if config.model.attn_implementation is not None:
+        use_attention(model, config.model.attn_implementation)
+    return model, processor
+
+
+def use_attention(model: SpatialMLLMForConditionalGeneration, implementation: str) -> None:
+    """In place: the LLM and the vision tower attend through transformers' `implementation` kernel."""
+    model.language_model.set_attn_implementation(implementation)  # its config is the model's text_config
+    model.vision_tower.model.set_attn_implementation(implementation)
+
+
+def _load_model(config: TrainConfig) -> tuple[SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor]:
     dtype = getattr(torch, config.model.dtype)
     if config.stage.init_from is None:
         m = config.model
