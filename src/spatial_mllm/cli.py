@@ -7,9 +7,12 @@ import importlib
 import os
 import sys
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning, which on a shared 2-core machine made every
-# step 10x slower (measured) whenever another process was busy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP (GNU libgomp in torch's Linux wheels): idle threads spin briefly, then sleep. Measured on
+# the 2-core machine, demo stage-2 steps: libgomp's default spin (300k) was 5x slower whenever another process kept
+# a core busy; no spin (OMP_WAIT_POLICY=PASSIVE) was 1.45x slower than the default on an idle machine, each tiny
+# kernel waking its threads; 10k is within 1.1x of the default idle and 1.4x of PASSIVE under load.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # Modules exposing `register(subparsers)`; each subcommand sets `func` to a callable taking the parsed args.
 COMMAND_MODULES = (
