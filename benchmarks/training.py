@@ -17,9 +17,9 @@ FLOPs per step are counted exactly by torch's FlopCounterMode on the step's real
 bf16 matmul on the same threads, measured in the same run.
 
 Variants: "as before" (random batches, bf16 autocast, transformers' default sdpa attention), "length-grouped"
-(data.group_by_length), "+ eager attention" (model.attn_implementation=eager as well: how the demo now trains) and
-"eager, fp32" (the same without autocast), so that before and after compare in one run on one machine state. Prints a
-table, writes JSON.
+(data.group_by_length), "+ eager attention" (model.attn_implementation=eager as well), "+ lengths padded to 16"
+(data.pad_to_multiple_of=16 as well: how the demo now trains) and "eager, fp32" (the same without autocast), so
+that before and after compare in one run on one machine state. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ from spatial_mllm.training.engine import accumulate_gradients, make_accelerator,
 from spatial_mllm.training.feature_cache import cache_vision_features
 from spatial_mllm.training.feature_dataset import CachedFeatureDataset
 
-SDPA = {"model.attn_implementation": "sdpa"}
+BEFORE = {"model.attn_implementation": "sdpa", "data.pad_to_multiple_of": None}
+EAGER = {"data.group_by_length": True, "model.attn_implementation": "eager"}
 VARIANTS = {
-    "as before": {"data.group_by_length": False, **SDPA},
-    "length-grouped": {"data.group_by_length": True, **SDPA},
-    "+ eager attention": {"data.group_by_length": True, "model.attn_implementation": "eager"},  # the demo's
-    "eager, fp32 (no autocast)": {"data.group_by_length": True, "model.attn_implementation": "eager",
-                                  "optimisation.mixed_precision": "no"},
+    "as before": {"data.group_by_length": False, **BEFORE},
+    "length-grouped": {**BEFORE, "data.group_by_length": True},
+    "+ eager attention": {**EAGER, "data.pad_to_multiple_of": None},
+    "+ lengths padded to 16": {**EAGER, "data.pad_to_multiple_of": 16},  # the demo's
+    "eager, fp32 (no autocast)": {**EAGER, "data.pad_to_multiple_of": 16, "optimisation.mixed_precision": "no"},
 }
 
 
@@ -103,7 +104,8 @@ def measure(config, dataset, processor, steps: int) -> dict:
     lengths = dataset.lengths if config.data.group_by_length else None
     sampler = MicroBatchSampler(len(dataset), opt.global_batch_size, opt.micro_batch_size, 1, 0, opt.seed,
                                 lengths=lengths)
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=make_collator(processor)))
+    batches = iter(DataLoader(dataset, batch_sampler=sampler,
+                              collate_fn=make_collator(processor, config.data.pad_to_multiple_of)))
     model.train()
     times = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
     tokens = {"real": 0, "padded": 0}

@@ -183,14 +183,16 @@ def test_bad_files_fail_clearly(tmp_path, tokenizer):
         LlavaDataset(tmp_path / "absent.json", tmp_path, processor_for(tokenizer))
 
 
+@pytest.mark.parametrize("multiple", [None, 16])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_collator_pads_and_stacks_images_in_order(data, tokenizer, side):
+def test_collator_pads_and_stacks_images_in_order(data, tokenizer, side, multiple):
     ds = dataset(data, tokenizer)
     items = [ds[3], ds[1], ds[0]]  # blue image, text only, red image
     pad = tokenizer.pad_token_id
-    batch = DataCollator(pad, padding_side=side)(items)
+    batch = DataCollator(pad, padding_side=side, pad_to_multiple_of=multiple)(items)
     lengths = [len(item["input_ids"]) for item in items]
-    width = max(lengths)
+    width = max(lengths) if multiple is None else (max(lengths) // 16 + 1) * 16
+    assert max(lengths) % 16  # the rounding is real here
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, width)
     for row, (item, length) in enumerate(zip(items, lengths)):
         real = slice(0, length) if side == "right" else slice(width - length, width)
@@ -201,6 +203,8 @@ def test_collator_pads_and_stacks_images_in_order(data, tokenizer, side):
         assert batch["attention_mask"][row].sum() == length and (batch["attention_mask"][row, real] == 1).all()
     assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
     assert DataCollator(pad)([ds[1]])["pixel_values"] is None
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be at least 1 or None, got 0"):
+        DataCollator(pad, pad_to_multiple_of=0)
 
 
 def test_dataloader_batches(data, tokenizer):

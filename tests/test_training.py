@@ -321,9 +321,11 @@ def test_gradient_checkpointing_and_bf16(base_dir, tmp_path):
     assert {t.dtype for t in trainable.values()} == {torch.float32}
 
 
-def test_attention_kernel_is_chosen_by_config_and_trains_alike(base_dir, tmp_path):
+def test_attention_kernel_and_padding_are_chosen_by_config_and_train_alike(base_dir, tmp_path):
     with pytest.raises(ValueError, match="model.attn_implementation must be one of .*'eager'.* got 'fast'"):
         tiny_config(base_dir, tmp_path / "bad", "instruct", "model.attn_implementation=fast")
+    with pytest.raises(ValueError, match="data.pad_to_multiple_of must be at least 1 or null, got 0"):
+        tiny_config(base_dir, tmp_path / "bad", "instruct", "data.pad_to_multiple_of=0")
     curves = {}
     for kernel in ("sdpa", "eager"):
         config = tiny_config(base_dir, tmp_path / kernel, "instruct", f"model.attn_implementation={kernel}")
@@ -335,6 +337,10 @@ def test_attention_kernel_is_chosen_by_config_and_trains_alike(base_dir, tmp_pat
         curves[kernel] = losses(out)
         assert SpatialMLLMForConditionalGeneration.from_pretrained(out).config.text_config._attn_implementation == "sdpa"
     torch.testing.assert_close(curves["eager"], curves["sdpa"], atol=1e-5, rtol=1e-5)
+    # lengths padded to a multiple of 16: more padding, the same training
+    padded = tiny_config(base_dir, tmp_path / "padded", "instruct", "data.pad_to_multiple_of=16")
+    torch.testing.assert_close(losses(train(padded, TinySamples(base_dir, text_only=frozenset({1, 2})))),
+                               curves["sdpa"], atol=1e-5, rtol=1e-5)
     assert load_model(tiny_config(base_dir, tmp_path / "default"))[0].language_model.config._attn_implementation == "sdpa"
 
 

@@ -14,17 +14,24 @@ class DataCollator:
     pixel_values of the samples that have images, in batch order: (total images, 3, H, W), or None if there are none.
 
     Right padding is the usual choice for training; left padding keeps every prompt's last token at the end of
-    its row, which batched generation needs.
+    its row, which batched generation needs. pad_to_multiple_of rounds the padded length up (as transformers'
+    collators do): fewer distinct shapes, which CPU kernels compile and cache one by one.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: Literal["left", "right"] = "right"):
+    def __init__(self, pad_token_id: int, padding_side: Literal["left", "right"] = "right",
+                 pad_to_multiple_of: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be at least 1 or None, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def _pad(self, rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
         width = max(len(row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(rows), width), value, dtype=torch.long)
         for i, row in enumerate(rows):
             if self.padding_side == "right":

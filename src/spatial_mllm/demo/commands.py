@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-encoders", action="store_true",
                         help="pretrain the world's ViT and LLM in this run (cached) instead of using the shipped ones")
     parser.add_argument("--no-blind", action="store_true", help="skip the blind control (saves one training run)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="arms trained at once, each in its own process with its share of the torch threads "
+                             "(default: one per CPU core, 1 with a GPU; 1: one after another, with progress bars)")
     parser.set_defaults(func=_demo)
     _register_world_encoders(subparsers)
 
@@ -35,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     progress = logging.StreamHandler(sys.stdout)
     progress.setFormatter(logging.Formatter("[demo] %(message)s"))
     demo_logger = logging.getLogger("spatial_mllm.demo")
@@ -42,7 +47,8 @@ def _demo(args: argparse.Namespace) -> int:
     demo_logger.setLevel(logging.INFO)
     try:
         report = run_demo(Path(args.out), QUICK if args.quick else DEFAULT, args.seed, tuple(args.projectors),
-                          seeds=args.seeds, train_encoders=args.train_encoders, blind=not args.no_blind)
+                          seeds=args.seeds, train_encoders=args.train_encoders, blind=not args.no_blind,
+                          jobs=args.jobs)
     finally:
         demo_logger.removeHandler(progress)
     print((report / "report.md").read_text())

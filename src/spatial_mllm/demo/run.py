@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .parallel import default_jobs, map_in_processes, threads_per_job
 from .plan import BLIND_PROJECTOR, DEFAULT, DEMO_PROJECTORS, DemoPlan
 
 logger = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def stage_config(stage: str, plan: DemoPlan, out_dir: Path, train_json: Path, wo
     )
 
 
-def train_stage(config, features) -> Path:
+def train_stage(config, features, progress: bool = True) -> Path:
     from ..data.dataset import LlavaDataset
     from ..model import RUN_INFO_FILE
     from ..training.config import load_config
@@ -280,7 +281,7 @@ def train_stage(config, features) -> Path:
     processor.use_template(config.data.template)
     base = LlavaDataset(config.data.train_json, config.data.image_folder, processor, config.data.max_length,
                         config.data.overlong, load_images=False)
-    return train(config, CachedFeatureDataset(base, features, layers))
+    return train(config, CachedFeatureDataset(base, features, layers), progress=progress)
 
 
 def evaluate(model, processor, model_dir: Path, world: Path, questions: EvalSet, name: str, out: Path,
@@ -348,21 +349,23 @@ class Arm:
 
 
 def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[str, Path], vit: Path, llm: Path,
-            features, eval_sets: dict[str, EvalSet], plan: DemoPlan) -> dict[str, Any]:
+            features, eval_sets: dict[str, EvalSet], plan: DemoPlan, progress: bool = True) -> dict[str, Any]:
     """Train one arm with one seed, evaluate it; returns the run dict (runs.py) with the test split's scores at top
-    level and the hold-out split's under "holdout"."""
+    level and the hold-out split's under "holdout". progress: training's progress bars."""
     from ..model.loading import load_for_inference
 
     started = time.perf_counter()
+    log(f"--- {arm.name}, seed {seed}: training (torch threads: {torch.get_num_threads()}) ---")
     name = arm.name if seeds == 1 else f"{arm.name}-seed{seed}"
     folder = out / "runs" / f"{arm.name}-seed{seed}"
     options = plan.projector_options.get(arm.projector, {})
     model_fields = {"model.vision": vit, "model.llm": llm, "model.tokenizer": llm, "model.projector": arm.projector,
                     "model.projector_options": options}
     stage1 = train_stage(stage_config("align", plan, folder / "stage1", data["stage1_blind" if arm.blind else "stage1"],
-                                      world, seed, **model_fields), features)
+                                      world, seed, **model_fields), features, progress)
     stage2 = train_stage(stage_config("instruct", plan, folder / "stage2", data["train_blind" if arm.blind else "train"],
-                                      world, seed, **{"stage.init_from": stage1, "model.projector": None}), features)
+                                      world, seed, **{"stage.init_from": stage1, "model.projector": None}), features,
+                         progress)
     model, processor = load_for_inference(stage2)  # loaded once for the facts, evaluation and latency
     facts: dict[str, Any] = {
         "arm": arm.name,
@@ -378,6 +381,7 @@ def run_arm(arm: Arm, seed: int, seeds: int, out: Path, world: Path, data: dict[
                for split in eval_sets}
     facts.update(measure_latency(model, processor, world, plan))
     facts["seconds"] = time.perf_counter() - started  # training (or reuse) and evaluation of this arm and seed
+    facts["torch_threads"] = torch.get_num_threads()
     test = scores["test"] | facts | {"binding": binding["test"]}
     test["holdout"] = scores["holdout"] | facts | {"binding": binding["holdout"]}
     log(f"{name}: test {test['overall']:.1%}, hold-out {test['holdout']['overall']:.1%}")
@@ -410,9 +414,12 @@ def last_loss(stage_dir: Path) -> float:
 
 
 def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tuple[str, ...] = DEMO_PROJECTORS,
-             seeds: int = 1, train_encoders: bool = False, blind: bool = True) -> Path:
+             seeds: int = 1, train_encoders: bool = False, blind: bool = True, jobs: int | None = None) -> Path:
     """Run the comparison (training seeds seed..seed+seeds-1 on the world of `seed`) and write the reports:
-    out/report (test split) and out/report/holdout (compositional hold-out). Returns out/report."""
+    out/report (test split) and out/report/holdout (compositional hold-out). Returns out/report.
+
+    jobs: arms trained at once, each in its own process with its share of the torch threads (parallel.py);
+    default: one per CPU core (1 with a GPU). 1 trains them here, one after another, with progress bars."""
     from transformers.utils import logging as transformers_logging
 
     from ..evaluation.comparison import compare_runs
@@ -435,11 +442,14 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
     ceilings = text_ceilings(llm, world, eval_sets)
     features = cache_features(out, world, vit, feature_layers(vit, projectors, plan))
     arms = [Arm(name, name) for name in projectors] + ([Arm(BLIND_ARM, BLIND_PROJECTOR, blind=True)] if blind else [])
-    runs = []
-    for training_seed in range(seed, seed + seeds):
-        for arm in arms:
-            log(f"--- {arm.name}, seed {training_seed} ---")
-            runs.append(run_arm(arm, training_seed, seeds, out, world, data, vit, llm, features, eval_sets, plan))
+    calls = [(arm, training_seed, seeds, out, world, data, vit, llm, features, eval_sets, plan)
+             for training_seed in range(seed, seed + seeds) for arm in arms]
+    jobs = default_jobs(len(calls)) if jobs is None else jobs
+    if jobs == 1:
+        runs = [run_arm(*call) for call in calls]
+    else:
+        log(f"training {len(calls)} arms, {jobs} at a time (one process each, {threads_per_job(jobs)} torch threads)")
+        runs = map_in_processes(run_arm, [(*call, False) for call in calls], jobs)
     report = out / "report"
     write_report(compare_runs(runs, text_ceiling=ceilings["test"]["ceiling"]), report, overwrite=True)
     write_report(compare_runs([run["holdout"] for run in runs], text_ceiling=ceilings["holdout"]["ceiling"]),
@@ -453,6 +463,7 @@ def run_demo(out: Path, plan: DemoPlan = DEFAULT, seed: int = 0, projectors: tup
         "seeds": seeds,
         "encoders": {"vit": str(vit), "llm": str(llm), "trained_in_run": train_encoders},
         "seconds": time.perf_counter() - started,
+        "jobs": jobs,
         "pretraining": pretrain_metrics,
         "text_only": {split: {name: {key: scores[key] for key in ("overall", "categories", "counts")}
                               for name, scores in found["scores"].items()} for split, found in ceilings.items()},

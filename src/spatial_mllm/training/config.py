@@ -69,6 +69,10 @@ class DataSection:
     strict: bool = False  # stop at the first bad record instead of skipping it
     num_workers: int = 0
     group_by_length: bool = False  # batches of samples of similar length (less padding), as LLaVA's recipe does
+    # Round each batch's padded length up to a multiple of this (null: no rounding). On CPU, oneDNN compiles and
+    # caches kernels per matrix shape, and every new batch length made new ones: measured over 200 world stage-2
+    # steps on one thread, peak memory 2.37 GB without, 1.23 GB with 16 (45 s vs 47 s).
+    pad_to_multiple_of: int | None = None
 
 
 @dataclass
@@ -158,6 +162,8 @@ class TrainConfig:
             (self.optimisation.weight_decay >= 0, f"optimisation.weight_decay must be >= 0, got {self.optimisation.weight_decay}"),
             (self.optimisation.seed >= 0, f"optimisation.seed must be >= 0, got {self.optimisation.seed}"),
             (self.data.num_workers >= 0, f"data.num_workers must be >= 0, got {self.data.num_workers}"),
+            (self.data.pad_to_multiple_of is None or self.data.pad_to_multiple_of >= 1,
+             f"data.pad_to_multiple_of must be at least 1 or null, got {self.data.pad_to_multiple_of}"),
             (self.data.max_length > 0, f"data.max_length must be positive, got {self.data.max_length}"),
             (self.optimisation.projector_lr is None or self.optimisation.projector_lr > 0,
              "optimisation.projector_lr must be positive or null"),

@@ -181,10 +181,11 @@ def build_dataset(config: TrainConfig, processor: SpatialMLLMProcessor, load_ima
     )
 
 
-def make_collator(processor: SpatialMLLMProcessor) -> VisionFeatureCollator:
+def make_collator(processor: SpatialMLLMProcessor, pad_to_multiple_of: int | None = None) -> VisionFeatureCollator:
     from ..data.collator import DataCollator
 
-    return VisionFeatureCollator(DataCollator(processor.tokenizer.pad_token_id, padding_side="right"))
+    return VisionFeatureCollator(DataCollator(processor.tokenizer.pad_token_id, padding_side="right",
+                                              pad_to_multiple_of=pad_to_multiple_of))
 
 
 def resume_fingerprint(config: TrainConfig, num_samples: int) -> dict[str, Any]:
@@ -300,8 +301,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int
     return optimizer, get_scheduler(opt.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
+def train(config: TrainConfig, dataset: Dataset | None = None, progress: bool = True) -> Path:
     """Runs one stage as configured and returns the output folder (loadable by from_pretrained).
+
+    progress: a progress bar of the steps on the main process (off when several trainings share a terminal).
 
     dataset: items as LlavaDataset yields them (input_ids, labels, pixel_values or None, id), optionally with
     `vision_features` (cached ViT hidden states, see batches.VisionFeatureCollator) in place of pixel_values;
@@ -372,7 +375,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=make_collator(processor),
+        collate_fn=make_collator(processor, config.data.pad_to_multiple_of),
         num_workers=config.data.num_workers,
         # Its own generator: creating the iterator must not draw from the global RNG (resume would drift).
         generator=torch.Generator().manual_seed(opt.seed),
@@ -385,7 +388,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> Path:
     accelerator.unwrap_model(model).vision_tower.train(config.vision.trainable)
     metrics = MetricsLogger(output_dir, state.step, enabled=accelerator.is_main_process)
     progress = tqdm(total=total_steps, initial=state.step, desc=config.stage.name,
-                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+                    disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     last_checkpoint = resume_from
     try:
         while state.step < total_steps:
