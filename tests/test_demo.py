@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fixtures.training import losses
 from spatial_mllm.cli import main
 from spatial_mllm.demo import DEMO_PROJECTORS, QUICK
 from spatial_mllm.demo.run import BLIND_ARM, blind_records, derangement
@@ -54,10 +55,6 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     return out
-
-
-def losses(stage_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def arms():

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 # one_thread is an autouse fixture: imported here, it runs for every test of this file.
-from fixtures.training import TinySamples, one_thread, save_base, small_options, tiny_config  # noqa: F401
+from fixtures.training import TinySamples, losses, one_thread, save_base, small_options, tiny_config  # noqa: F401
 from spatial_mllm import cli
 from spatial_mllm.model import RUN_INFO_FILE, SpatialMLLMForConditionalGeneration, SpatialMLLMProcessor
 from spatial_mllm.projectors import PROJECTORS
@@ -35,10 +35,6 @@ PAPER_PROJECTORS = ("mlp2x_gelu", "llava_sp_pooling", "llava_sp_cropping", "saep
 
 
 # --- shared helpers ----------------------------------------------------------------------------------------------------
-
-
-def losses(out: Path) -> list[float]:
-    return [line["loss"] for line in read_metrics(out / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")
